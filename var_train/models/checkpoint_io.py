@@ -1,0 +1,171 @@
+"""Model weights in and out: the reference's `.pth` state dicts and our safetensors files.
+
+- Reference layout (`vae_ch160v4096z32.pth`, `var_d16.pth`, ...): a plain state dict whose keys
+  are exactly our modules' keys (buffers included). Its architecture is read off the tensor
+  shapes, so `load_var("var_d16.pth")` needs no other argument.
+- Ours: safetensors with the model's constructor arguments as JSON in the metadata.
+Loading is always strict: a checkpoint whose keys or shapes differ raises StateDictMismatchError
+listing every difference; nothing is ever partially loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+from .quantizer import DEFAULT_PATCH_NUMS, MultiScaleQuantizer
+from .var import VAR
+from .vqvae import VQVAE
+
+CONFIG_METADATA_KEY = "var_train_config"
+KIND_METADATA_KEY = "var_train_model"
+
+
+class StateDictMismatchError(RuntimeError):
+    def __init__(self, source: str, missing: list[str], unexpected: list[str], wrong_shape: list[str]):
+        self.missing, self.unexpected, self.wrong_shape = missing, unexpected, wrong_shape
+        lines = [f"checkpoint {source} does not match the model:"]
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong_shape)):
+            if items:
+                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(shown))
+        super().__init__("\n".join(lines))
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "<state dict>") -> None:
+    """Load with strict=True semantics, but check shapes first and report every difference."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = [f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
+                   for key in sorted(set(expected) & set(state_dict)) if state_dict[key].shape != expected[key].shape]
+    if missing or unexpected or wrong_shape:
+        raise StateDictMismatchError(source, missing, unexpected, wrong_shape)
+    module.load_state_dict(state_dict, strict=True)
+
+
+# -- reading files ---------------------------------------------------------------------------------
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """-> (state dict on CPU, our stored config or None for a reference .pth)."""
+    path = _existing(path)
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        config = json.loads(metadata[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in metadata else None
+        return load_file(str(path)), config
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not a plain state dict of tensors (the reference .pth layout)")
+    return state, None
+
+
+def save_model(module: nn.Module, path: str | Path) -> Path:
+    """Write `module`'s weights as safetensors with its constructor arguments in the metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    metadata = {KIND_METADATA_KEY: type(module).__name__, CONFIG_METADATA_KEY: json.dumps(module.config)}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def save_reference_layout(module: nn.Module, path: str | Path) -> Path:
+    """Write a plain `.pth` state dict in the released checkpoints' layout."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, tmp)
+    tmp.replace(path)
+    return path
+
+
+# -- architecture read off a reference state dict ---------------------------------------------------
+def _patch_nums_from_levels(levels: torch.Tensor) -> list[int]:
+    counts = torch.bincount(levels.flatten()).tolist()
+    sides = [math.isqrt(c) for c in counts]
+    if any(s * s != c for s, c in zip(sides, counts)):
+        raise ValueError(f"lvl_1L does not describe square scales: {counts}")
+    return sides
+
+
+def var_config_from_state_dict(state: dict[str, torch.Tensor]) -> dict:
+    embed_dim = state["pos_start"].shape[-1]
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    l2_norm = "blocks.0.attn.scale_mul_1H11" in state
+    return dict(
+        vocab_size=state["head.weight"].shape[0], z_channels=state["word_embed.weight"].shape[1],
+        num_classes=state["class_emb.weight"].shape[0] - 1, depth=depth, embed_dim=embed_dim,
+        num_heads=state["blocks.0.attn.scale_mul_1H11"].shape[1] if l2_norm else embed_dim // 64,
+        mlp_ratio=state["blocks.0.ffn.fc1.weight"].shape[0] / embed_dim, attn_l2_norm=l2_norm,
+        shared_aln="shared_ada_lin.1.weight" in state,
+        patch_nums=_patch_nums_from_levels(state["lvl_1L"]) if "lvl_1L" in state else list(DEFAULT_PATCH_NUMS),
+    )
+
+
+def vae_config_from_state_dict(state: dict[str, torch.Tensor], patch_nums=None) -> dict:
+    prefix = "quantize." if "quantize.embedding.weight" in state else ""
+    vocab_size, z_channels = state[prefix + "embedding.weight"].shape
+    num_scales = state[prefix + "ema_vocab_hit_SV"].shape[0]
+    if patch_nums is None:
+        if num_scales != len(DEFAULT_PATCH_NUMS):
+            raise ValueError(f"this VQVAE checkpoint has {num_scales} scales; pass patch_nums "
+                             f"(the default {DEFAULT_PATCH_NUMS} has {len(DEFAULT_PATCH_NUMS)})")
+        patch_nums = DEFAULT_PATCH_NUMS
+    if len(patch_nums) != num_scales:
+        raise ValueError(f"patch_nums {tuple(patch_nums)} has {len(patch_nums)} scales, the checkpoint {num_scales}")
+    config = dict(vocab_size=vocab_size, z_channels=z_channels, patch_nums=list(patch_nums),
+                  share_quant_resi=sum(1 for k in state if k.startswith(prefix + "quant_resi.qresi_ls.") and k.endswith(".weight")))
+    if "encoder.conv_in.weight" in state:
+        config["ch"] = state["encoder.conv_in.weight"].shape[0]
+    return config
+
+
+# -- public loaders --------------------------------------------------------------------------------
+def load_var(path: str | Path, **overrides) -> VAR:
+    """A VAR from a reference `.pth` or our safetensors; `overrides` set non-weight options
+    (label_dropout, drop_path_rate, attention_backend)."""
+    state, config = read_checkpoint(path)
+    config = {**(config or var_config_from_state_dict(state)), **overrides}
+    model = VAR(**config)
+    load_state_dict_strict(model, state, str(path))
+    return model
+
+
+def load_vae(path: str | Path, patch_nums=None) -> VQVAE:
+    state, config = read_checkpoint(path)
+    config = config or vae_config_from_state_dict(state, patch_nums)
+    if patch_nums is not None and list(patch_nums) != list(config["patch_nums"]):
+        raise ValueError(f"{path} was trained with patch_nums {config['patch_nums']}, not {list(patch_nums)}")
+    model = VQVAE(**config)
+    load_state_dict_strict(model, state, str(path))
+    return model
+
+
+def load_quantizer(path: str | Path, patch_nums=None) -> MultiScaleQuantizer:
+    """Only the codebook and phi convs of a full VQVAE checkpoint (what training needs)."""
+    state, config = read_checkpoint(path)
+    prefix = "quantize."
+    quantizer_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} or state
+    config = config or vae_config_from_state_dict(state, patch_nums)
+    if patch_nums is not None and list(patch_nums) != list(config["patch_nums"]):
+        raise ValueError(f"{path} was trained with patch_nums {config['patch_nums']}, not {list(patch_nums)}")
+    quantizer = MultiScaleQuantizer(vocab_size=config["vocab_size"], z_channels=config["z_channels"],
+                                    share_quant_resi=config["share_quant_resi"], patch_nums=config["patch_nums"],
+                                    beta=config.get("beta", 0.25))
+    load_state_dict_strict(quantizer, quantizer_state, f"{path} (quantize.*)")
+    return quantizer

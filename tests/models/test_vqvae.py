@@ -40,3 +40,14 @@ def test_wrong_image_size_is_rejected():
     vae, _ = tiny_models()
     with pytest.raises(ValueError, match="64x64"):
         vae.image_to_tokens(torch.zeros(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("num_scales, expected", [
+    (10, [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]),  # 2/9 is a near-tie that float64 resolves towards phi1
+    (7, [0, 0, 1, 2, 2, 3, 3]),
+])
+def test_phi_assignment_per_scale(num_scales, expected):
+    from var_train.models.quantizer import PartiallySharedPhi
+    phis = PartiallySharedPhi(channels=4, count=4)
+    chosen = [list(phis.qresi_ls).index(phis.for_scale(k, num_scales)) for k in range(num_scales)]
+    assert chosen == expected

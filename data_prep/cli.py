@@ -7,6 +7,8 @@ import sys
 from var_train.cli import build_parser
 
 SUBCOMMAND_MODULES: list[str] = [
+    "data_prep.commands.extract",
+    "data_prep.commands.demo_data",
 ]
 
 

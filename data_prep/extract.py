@@ -1,0 +1,361 @@
+"""`var-prep extract`: images -> multi-scale token shards (WebDataset tars + manifest.json).
+
+Determinism and distribution: the sorted input list is cut into fixed chunks of `shard_size`
+items, chunk i -> `shard-{i:06d}.tar`; rank r of W takes the chunks i with i % W == r. Images are
+encoded in batches that never cross a chunk, so the tokens of a shard do not depend on the number
+of ranks (a 2-rank run writes the same bytes as a 1-rank run).
+
+Crash safety and resume: a shard is written to `shard-XXXXXX.tar.tmp` and renamed; then its
+sidecar `shard-XXXXXX.json` (record count, skipped inputs, a hash of its input chunk) is written
+the same way and marks the shard done. A restart skips done shards and redoes anything else.
+`extract_config.json` pins the settings of a shard directory so a restart with other settings
+fails instead of mixing shards. When every shard is done, rank 0 writes `report.json` (every
+skipped input with its reason) and, last, `manifest.json`.
+
+Bad inputs never stop a run: each is skipped with a reason (see `preprocess.decode_image`);
+grayscale, palette, alpha and CMYK images are converted to RGB as the reference does and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import var_train
+from var_train.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, write_json_atomic, write_manifest
+from var_train.data.records import MAX_VOCAB_SIZE, TOKEN_DTYPE, TokenRecord
+
+from .image_sources import SourceItem, SourceList, list_sources
+from .preprocess import BadImage, ReferenceTransform, decode_image
+from .shards import shard_name, write_shard
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+CONFIG_NAME = "extract_config.json"
+REPORT_NAME = "report.json"
+TOOL = "var-prep extract"
+
+
+@dataclass
+class ExtractConfig:
+    source: str
+    vae: str
+    out: str
+    resolution: int = 256
+    patch_nums: tuple[int, ...] = DEFAULT_PATCH_NUMS
+    flip: bool = False
+    crops: int = 1
+    seed: int = 0
+    shard_size: int = 5000
+    batch_size: int = 64
+    num_workers: int = 4
+    min_size: int = 32
+    input_format: str = "auto"
+    num_classes: int | None = None
+    device: str = "auto"
+    max_shards: int | None = None      # stop after this many shards (per rank) in this run
+    progress: bool = True
+
+
+@dataclass
+class ExtractionSummary:
+    out: Path
+    complete: bool
+    num_shards: int
+    shards_done_now: int
+    records_written_now: int
+    skipped_now: int
+    seconds: float
+    num_records: int | None = None           # whole dataset, when complete
+    skipped_reasons: dict = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.records_written_now + self.skipped_now) / max(self.seconds, 1e-9)
+
+
+# -- distributed ---------------------------------------------------------------------------------
+def _init_distributed() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's or Slurm's environment; 1 process otherwise.
+
+    Ranks only need a barrier at the end (no tensors travel), so the group is gloo on every device;
+    its timeout is long because ranks may finish hours apart on unevenly sized inputs.
+    """
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env and "MASTER_ADDR" in env:
+        env.setdefault("RANK", env["SLURM_PROCID"])
+        env.setdefault("WORLD_SIZE", env.get("SLURM_NTASKS", "1"))
+        env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+    world_size = int(env.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(hours=48))
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(env.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+# -- bookkeeping files -----------------------------------------------------------------------------
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _chunk_hash(items: list[SourceItem]) -> str:
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(f"{item.key}\t{item.label}\t{item.origin}\n".encode())
+    return digest.hexdigest()
+
+
+def _sidecar_path(out: Path, index: int) -> Path:
+    return out / (Path(shard_name(index)).stem + ".json")
+
+
+def _read_sidecar(out: Path, index: int) -> dict | None:
+    path = _sidecar_path(out, index)
+    if not path.is_file() or not (out / shard_name(index)).is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # torn by a crash despite the rename (e.g. a full disk): redo the shard
+
+
+def _check_or_write_run_config(out: Path, settings: dict, rank: int) -> None:
+    path = out / CONFIG_NAME
+    if path.is_file():
+        existing = json.loads(path.read_text())
+        differences = [f"{k}: existing {existing.get(k)!r}, now {v!r}" for k, v in settings.items()
+                       if existing.get(k) != v]
+        if differences:
+            raise ValueError(f"{out} holds shards extracted with other settings; use a new --out or the same "
+                             f"settings:\n  " + "\n  ".join(differences))
+    elif rank == 0:
+        write_json_atomic(path, settings)
+
+
+# -- decoding in DataLoader workers ------------------------------------------------------------------
+class _ImageItems(Dataset):
+    """Item index -> (index, images (N, 3, R, R) or None, original mode, reason if skipped)."""
+
+    def __init__(self, items: list[SourceItem], transform: ReferenceTransform, min_size: int):
+        self.items, self.transform, self.min_size = items, transform, min_size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        item = self.items[index]
+        try:
+            image, mode = decode_image(item.read_bytes(), self.min_size)
+            return index, self.transform(image, item.key), mode, None
+        except BadImage as e:
+            return index, None, None, str(e)
+        except OSError as e:  # missing or unreadable file
+            return index, None, None, f"cannot read file: {e.strerror or e}"
+
+
+def _keep_list(batch):
+    return batch
+
+
+def _shard_batches(shard_indices: list[int], shard_size: int, num_items: int, batch_size: int) -> list[list[int]]:
+    """Item-index batches that never cross a shard, in shard order."""
+    batches = []
+    for shard in shard_indices:
+        begin, end = shard * shard_size, min((shard + 1) * shard_size, num_items)
+        batches.extend(list(range(b, min(b + batch_size, end))) for b in range(begin, end, batch_size))
+    return batches
+
+
+# -- the extraction ----------------------------------------------------------------------------------
+@torch.no_grad()
+def _encode(vae, images: torch.Tensor, device: torch.device) -> np.ndarray:
+    """(n, 3, R, R) -> (n, L) uint16 tokens, fp32 so ids are exact (no autocast, no TF32)."""
+    tokens_per_scale = vae.image_to_tokens(images.to(device, non_blocking=True))
+    return torch.cat(tokens_per_scale, dim=1).cpu().numpy().astype(TOKEN_DTYPE)
+
+
+class _ShardAccumulator:
+    """Collects one shard's records and skips, and writes tar + sidecar when the shard is complete."""
+
+    def __init__(self, out: Path, index: int, items: list[SourceItem]):
+        self.out, self.index, self.items = out, index, items
+        self.records: list[TokenRecord] = []
+        self.skipped: list[dict] = []
+        self.converted: Counter = Counter()
+        self.pending = len(items)
+
+    def finish(self) -> int:
+        write_shard(self.out / shard_name(self.index), self.records)
+        write_json_atomic(_sidecar_path(self.out, self.index), {
+            "shard": shard_name(self.index), "num_records": len(self.records),
+            "num_inputs": len(self.items), "inputs_sha256": _chunk_hash(self.items),
+            "skipped": self.skipped, "converted_modes": dict(self.converted),
+        })
+        return len(self.records)
+
+
+def extract_tokens(config: ExtractConfig) -> ExtractionSummary:
+    """Run (or resume) an extraction on this process's share of the shards; see the module doc."""
+    from var_train.models.checkpoint_io import load_vae
+
+    started = time.time()
+    rank, world_size, local_rank = _init_distributed()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    patch_nums = tuple(int(p) for p in config.patch_nums)
+    if config.resolution != 16 * patch_nums[-1]:
+        raise ValueError(f"--resolution {config.resolution} does not match --patch-nums {patch_nums}: the VQVAE "
+                         f"downsamples 16x, so the last scale needs resolution {16 * patch_nums[-1]}")
+    if not Path(config.vae).is_file():
+        raise FileNotFoundError(f"VQVAE checkpoint not found: {config.vae}")
+
+    sources: SourceList = list_sources(config.source, config.input_format, config.num_classes)
+    items = sources.items
+    num_shards = max(1, -(-len(items) // config.shard_size))
+    vae_sha256 = file_sha256(config.vae)
+    transform = ReferenceTransform(config.resolution, config.crops, config.seed)
+    settings = {"source": sources.description, "num_inputs": len(items), "inputs_sha256": _chunk_hash(items),
+                "vae_sha256": vae_sha256, "resolution": config.resolution, "patch_nums": list(patch_nums),
+                "flip": config.flip, "crops": config.crops, "seed": config.seed, "shard_size": config.shard_size,
+                "min_size": config.min_size}
+    _check_or_write_run_config(out, settings, rank)
+
+    device = _pick_device(config.device, local_rank)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    vae = load_vae(config.vae, patch_nums=patch_nums).to(device).eval()
+    vocab_size = vae.config["vocab_size"]
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise ValueError(f"vocab_size {vocab_size} does not fit the uint16 token records (max {MAX_VOCAB_SIZE})")
+
+    mine = [i for i in range(rank, num_shards, world_size)]
+    todo = []
+    for index in mine:
+        chunk = items[index * config.shard_size:(index + 1) * config.shard_size]
+        sidecar = _read_sidecar(out, index)
+        if sidecar is not None and sidecar.get("inputs_sha256") != _chunk_hash(chunk):
+            raise ValueError(f"{out / shard_name(index)} was made from other inputs than now; use a new --out")
+        if sidecar is None:
+            todo.append(index)
+    if config.max_shards is not None:
+        todo = todo[:config.max_shards]
+
+    records_now = skipped_now = 0
+    if todo:
+        loader = DataLoader(_ImageItems(items, transform, config.min_size),
+                            batch_sampler=_shard_batches(todo, config.shard_size, len(items), config.batch_size),
+                            num_workers=config.num_workers, collate_fn=_keep_list,
+                            pin_memory=device.type == "cuda", prefetch_factor=4 if config.num_workers else None)
+        shards = {index: _ShardAccumulator(out, index, items[index * config.shard_size:(index + 1) * config.shard_size])
+                  for index in todo}
+        total_images = sum(len(s.items) for s in shards.values())
+        bar = tqdm(total=total_images, unit="img", desc=f"extract rank {rank}" if world_size > 1 else "extract",
+                   disable=not config.progress or rank != 0, dynamic_ncols=True)
+        for batch in loader:
+            shard = shards[batch[0][0] // config.shard_size]
+            good = [(index, images, mode) for index, images, mode, reason in batch if reason is None]
+            for index, _, _, reason in batch:
+                if reason is not None:
+                    shard.skipped.append({"source": items[index].origin, "reason": reason})
+            if good:
+                images = torch.cat([g[1] for g in good])
+                if config.flip:
+                    images = torch.cat([images, images.flip(-1)])
+                tokens = _encode(vae, images, device)
+                per_image = config.crops
+                originals = tokens[:len(good) * per_image].reshape(len(good), per_image, -1)
+                flipped = tokens[len(good) * per_image:].reshape(len(good), per_image, -1) if config.flip else None
+                for row, (index, _, mode) in enumerate(good):
+                    if mode != "RGB":
+                        shard.converted[mode] += 1
+                    shape = originals[row][0] if per_image == 1 else originals[row]
+                    shard.records.append(TokenRecord(
+                        key=items[index].key, label=items[index].label, tokens=shape,
+                        tokens_flip=None if flipped is None else (flipped[row][0] if per_image == 1 else flipped[row])))
+            shard.pending -= len(batch)
+            skipped_now += len(batch) - len(good)
+            bar.update(len(batch))
+            if shard.pending == 0:
+                records_now += shard.finish()
+                del shards[shard.index]
+        bar.close()
+        if shards:
+            raise RuntimeError(f"shards {sorted(shards)} did not receive all their images (internal error)")
+
+    _barrier()
+    complete = all(_read_sidecar(out, i) is not None for i in range(num_shards))
+    summary = ExtractionSummary(out=out, complete=complete, num_shards=num_shards, shards_done_now=len(todo),
+                                records_written_now=records_now, skipped_now=skipped_now,
+                                seconds=time.time() - started)
+    if complete:
+        manifest = _finalize(out, num_shards, sources, config, patch_nums, vocab_size, vae_sha256, transform,
+                             write=rank == 0)
+        summary.num_records, summary.skipped_reasons = manifest.num_records, manifest.skipped
+    _barrier()
+    return summary
+
+
+def _finalize(out: Path, num_shards: int, sources: SourceList, config: ExtractConfig, patch_nums, vocab_size: int,
+              vae_sha256: str, transform: ReferenceTransform, write: bool) -> Manifest:
+    """Aggregate the sidecars into report.json and manifest.json (written by rank 0 only, manifest last)."""
+    sidecars = [_read_sidecar(out, i) for i in range(num_shards)]
+    skipped = list(sources.skipped) + [s for sidecar in sidecars for s in sidecar["skipped"]]
+    reasons = Counter(_reason_class(s["reason"]) for s in skipped)
+    converted = Counter()
+    for sidecar in sidecars:
+        converted.update(sidecar["converted_modes"])
+    manifest = Manifest(
+        num_records=sum(s["num_records"] for s in sidecars), num_shards=num_shards,
+        shards=[ShardInfo(s["shard"], s["num_records"]) for s in sidecars],
+        num_classes=len(sources.class_names), class_names=list(sources.class_names),
+        resolution=config.resolution, patch_nums=list(patch_nums), vocab_size=vocab_size,
+        num_tokens=sum(p * p for p in patch_nums), has_flip=config.flip, num_crops=config.crops,
+        vae_sha256=vae_sha256, vae_path=str(config.vae), preprocessing=transform.describe(),
+        source=sources.description, skipped=dict(reasons), tool=TOOL, tool_version=var_train.__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    if write:
+        write_json_atomic(out / REPORT_NAME, {
+            "num_inputs": len(sources.items) + len(sources.skipped), "num_records": manifest.num_records,
+            "num_skipped": len(skipped), "skipped_by_reason": dict(reasons),
+            "converted_to_rgb_by_mode": dict(converted), "skipped": skipped,
+        })
+        write_manifest(out, manifest)
+    return manifest
+
+
+def _reason_class(reason: str) -> str:
+    """The reason without its per-file details (for counts): text before the first ':' or '('."""
+    return reason.split(":")[0].split("(")[0].strip()

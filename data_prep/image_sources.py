@@ -1,0 +1,214 @@
+"""Inputs of `var-prep extract`: a deterministic, sorted list of (image location, label) items.
+
+Three kinds of input, chosen by `detect_format` or `--input-format`:
+- `imagefolder`: a folder with one subfolder per class (names sorted -> class ids 0..C-1, as
+  torchvision's ImageFolder); images anywhere below each class folder.
+- `list`: a `.csv` (`path,label` rows, header optional) or `.jsonl` (`{"path": ..., "label": ...}`)
+  file; relative paths are relative to the list's folder; labels are all integers (class ids) or
+  all names (sorted -> ids).
+- `wds`: WebDataset tars of images with a `cls` member: one `.tar`, a folder of them, or a brace
+  pattern (`shards/train-{0000..0127}.tar`). Members are read by offset, so any item can be
+  fetched without scanning its tar again.
+Files that are not images by extension are listed as skipped (with a reason), never silently lost.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from var_train.data.records import safe_key
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+WDS_IMAGE_EXTENSIONS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    key: str          # output record key: unique, WebDataset-safe, derived from `origin`
+    label: int
+    path: str         # file to read (the tar for `wds` inputs)
+    origin: str       # human-readable location for reports
+    offset: int = -1  # byte offset of the member inside `path` (wds inputs), -1 for whole files
+    size: int = -1
+
+    def read_bytes(self) -> bytes:
+        if self.offset < 0:
+            with open(self.path, "rb") as f:
+                return f.read()
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            return f.read(self.size)
+
+
+@dataclass
+class SourceList:
+    items: list[SourceItem]
+    class_names: list[str]
+    skipped: list[dict] = field(default_factory=list)   # {"source", "reason"} found while listing
+    description: dict = field(default_factory=dict)
+
+
+def detect_format(source: str) -> str:
+    path = Path(source)
+    if path.suffix.lower() in (".csv", ".jsonl") and path.is_file():
+        return "list"
+    if path.suffix == ".tar" or "{" in source:
+        return "wds"
+    if path.is_dir():
+        entries = list(path.iterdir())
+        if any(e.suffix == ".tar" and e.is_file() for e in entries) and not any(e.is_dir() for e in entries):
+            return "wds"
+        return "imagefolder"
+    raise FileNotFoundError(f"input not found or not understood: {source} (expected an ImageFolder directory, "
+                            f"a .csv/.jsonl list, or WebDataset .tar files)")
+
+
+def _with_keys(entries: list[tuple[str, int, str, str, int, int]]) -> list[SourceItem]:
+    """Entries (relative name, label, path, origin, offset, size) in final order -> items with keys.
+
+    The key starts with the item's position, so it is unique whatever the names contain.
+    """
+    return [SourceItem(key=safe_key(f"{index:08d}_{os.path.splitext(name)[0]}", max_length=80),
+                       label=label, path=path, origin=origin, offset=offset, size=size)
+            for index, (name, label, path, origin, offset, size) in enumerate(entries)]
+
+
+def list_image_folder(root: str | Path) -> SourceList:
+    root = Path(root)
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise ValueError(f"{root} has no class subfolders (an ImageFolder has one folder per class)")
+    entries, skipped = [], []
+    for loose in sorted(p for p in root.iterdir() if p.is_file()):
+        skipped.append({"source": str(loose), "reason": "file outside any class folder"})
+    for label, class_dir in enumerate(class_dirs):
+        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+            dirnames.sort()
+            for filename in sorted(filenames):
+                path = os.path.join(dirpath, filename)
+                relative = os.path.relpath(path, root)
+                if filename.lower().endswith(IMAGE_EXTENSIONS):
+                    entries.append((relative, label, path, path, -1, -1))
+                else:
+                    skipped.append({"source": path, "reason": "not an image file extension"})
+    entries.sort(key=lambda e: (e[1], e[0]))
+    return SourceList(_with_keys(entries), [d.name for d in class_dirs], skipped,
+                      {"format": "imagefolder", "root": str(root)})
+
+
+def _labels_to_ids(raw_labels: list[str], num_classes: int | None) -> tuple[list[int], list[str]]:
+    if all(label.strip().lstrip("-").isdigit() for label in raw_labels):
+        ids = [int(label) for label in raw_labels]
+        count = num_classes or (max(ids) + 1 if ids else 0)
+        if ids and (min(ids) < 0 or max(ids) >= count):
+            raise ValueError(f"class ids must lie in [0, {count}), found {min(ids)}..{max(ids)}")
+        return ids, [str(i) for i in range(count)]
+    names = sorted(set(label.strip() for label in raw_labels))
+    index = {name: i for i, name in enumerate(names)}
+    return [index[label.strip()] for label in raw_labels], names
+
+
+def list_from_file(list_path: str | Path, num_classes: int | None = None) -> SourceList:
+    list_path = Path(list_path)
+    rows: list[tuple[str, str]] = []
+    if list_path.suffix.lower() == ".jsonl":
+        for number, line in enumerate(list_path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    rows.append((str(row["path"]), str(row["label"])))
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(f"{list_path}:{number}: expected {{\"path\": ..., \"label\": ...}} ({e})") from None
+    else:
+        with open(list_path, newline="") as f:
+            for number, row in enumerate(csv.reader(f), 1):
+                if not row or not "".join(row).strip():
+                    continue
+                if len(row) < 2:
+                    raise ValueError(f"{list_path}:{number}: expected 'path,label', got {row}")
+                if number == 1 and row[0].strip().lower() == "path":
+                    continue  # header
+                rows.append((row[0].strip(), row[1].strip()))
+    ids, class_names = _labels_to_ids([label for _, label in rows], num_classes)
+    base = list_path.parent
+    entries = []
+    for (path, _), label in zip(rows, ids):
+        full = path if os.path.isabs(path) else str(base / path)
+        entries.append((path, label, full, full, -1, -1))
+    return SourceList(_with_keys(entries), class_names, [], {"format": "list", "list": str(list_path)})
+
+
+def _expand_tars(source: str) -> list[str]:
+    import braceexpand
+
+    path = Path(source)
+    if path.is_dir():
+        return sorted(str(p) for p in path.glob("*.tar"))
+    return sorted(braceexpand.braceexpand(source))
+
+
+def list_webdataset(source: str, num_classes: int | None = None) -> SourceList:
+    entries, raw_labels, skipped = [], [], []
+    tars = _expand_tars(source)
+    if not tars:
+        raise FileNotFoundError(f"no .tar files found for {source}")
+    for tar_path in tars:
+        if not os.path.isfile(tar_path):
+            raise FileNotFoundError(f"input tar not found: {tar_path}")
+        samples: dict[str, dict] = {}
+        order: list[str] = []
+        try:
+            with tarfile.open(tar_path, "r:") as archive:
+                for member in archive:
+                    if not member.isreg():
+                        continue
+                    base = os.path.basename(member.name)
+                    if "." not in base:
+                        continue
+                    key = member.name[:len(member.name) - len(base) + base.index(".")]
+                    ext = base[base.index(".") + 1:].lower()
+                    if key not in samples:
+                        samples[key] = {}
+                        order.append(key)
+                    if ext == "cls":
+                        samples[key]["cls"] = archive.extractfile(member).read().decode().strip()
+                    else:
+                        samples[key][ext] = (member.offset_data, member.size)
+        except (tarfile.TarError, OSError) as e:
+            skipped.append({"source": tar_path, "reason": f"unreadable tar after {len(order)} samples: {e}"})
+        for key in order:
+            sample, origin = samples[key], f"{tar_path}::{key}"
+            image_ext = next((e for e in WDS_IMAGE_EXTENSIONS if e in sample), None)
+            if image_ext is None or "cls" not in sample:
+                skipped.append({"source": origin, "reason": "sample without an image member" if image_ext is None
+                                else "sample without a cls member"})
+                continue
+            offset, size = sample[image_ext]
+            entries.append((f"{Path(tar_path).stem}_{key}", 0, tar_path, origin, offset, size))
+            raw_labels.append(sample["cls"])
+    ids, class_names = _labels_to_ids(raw_labels, num_classes)
+    entries = [(name, label, path, origin, offset, size)
+               for (name, _, path, origin, offset, size), label in zip(entries, ids)]
+    return SourceList(_with_keys(entries), class_names, skipped, {"format": "wds", "tars": len(tars)})
+
+
+def list_sources(source: str, input_format: str = "auto", num_classes: int | None = None) -> SourceList:
+    input_format = detect_format(source) if input_format == "auto" else input_format
+    if input_format == "imagefolder":
+        sources = list_image_folder(source)
+    elif input_format == "list":
+        sources = list_from_file(source, num_classes)
+    elif input_format == "wds":
+        sources = list_webdataset(source, num_classes)
+    else:
+        raise ValueError(f"unknown input format {input_format!r} (auto, imagefolder, list, wds)")
+    if num_classes is not None and num_classes < len(sources.class_names):
+        raise ValueError(f"--num-classes {num_classes} is smaller than the {len(sources.class_names)} classes found")
+    if num_classes is not None and num_classes > len(sources.class_names):
+        sources.class_names += [str(i) for i in range(len(sources.class_names), num_classes)]
+    return sources

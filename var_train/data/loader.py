@@ -113,22 +113,22 @@ def plan_worker_ranges(shards: Sequence[tuple[str, int]], *, epoch: int, seed: i
     return plans
 
 
-def batches_to_skip_per_worker(worker_batches: Sequence[int], consumed: int) -> list[int]:
-    """How many of its batches each worker had delivered after `consumed` batches in total.
+def resume_position(worker_batches: Sequence[int], consumed: int) -> tuple[list[int], int]:
+    """After `consumed` batches of an epoch: (batches each worker had delivered, worker delivering next).
 
-    The DataLoader returns batches round-robin over workers in worker order, skipping workers that
-    are exhausted; workers with more batches come first (`split_evenly`), so round j is
-    (worker 0, j), (worker 1, j), ... over the workers that still have a batch j.
+    The DataLoader returns batches round-robin over its workers in order, skipping exhausted ones,
+    so the epoch's sequence is (worker 0, batch 0), (worker 1, batch 0), ..., (worker 0, batch 1), ...
+    over the workers that still have a batch. A resumed DataLoader starts again at its worker 0,
+    so the loader rotates the plan to make the worker that was next its worker 0.
     """
-    skip = [0] * len(worker_batches)
-    for batch_round in range(max(worker_batches, default=0)):
-        for worker, batches in enumerate(worker_batches):
-            if consumed == 0:
-                return skip
-            if batch_round < batches:
-                skip[worker] += 1
-                consumed -= 1
-    return skip
+    delivered, position = [0] * len(worker_batches), 0
+    sequence = [w for batch_round in range(max(worker_batches, default=0))
+                for w, batches in enumerate(worker_batches) if batch_round < batches]
+    for worker in sequence[:consumed]:
+        delivered[worker] += 1
+    if consumed < len(sequence):
+        position = sequence[consumed]
+    return delivered, position
 
 
 # -- the per-worker stream -------------------------------------------------------------------------
@@ -148,11 +148,11 @@ def _read_ranges(ranges: Sequence[ShardRange]) -> Iterator[dict]:
 class _EpochStream(IterableDataset):
     """One epoch of one rank; each DataLoader worker iterates its own piece of the plan."""
 
-    def __init__(self, plans: list[list[ShardRange]], skip_batches: list[int], *, batch_size: int,
+    def __init__(self, assignments: list[tuple[int, list[ShardRange], int]], *, batch_size: int,
                  num_tokens: int, seed: int, epoch: int, rank: int, shuffle_buffer: int, variants: int,
                  flip_variants: int):
         super().__init__()
-        self.plans, self.skip_batches = plans, skip_batches
+        self.assignments = assignments  # per DataLoader worker: (plan worker id, its ranges, batches to skip)
         self.batch_size, self.num_tokens = batch_size, num_tokens
         self.seed, self.epoch, self.rank = seed, epoch, rank
         self.shuffle_buffer, self.variants, self.flip_variants = shuffle_buffer, variants, flip_variants
@@ -161,12 +161,12 @@ class _EpochStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        if info is not None and info.num_workers != len(self.plans):
-            raise RuntimeError(f"planned for {len(self.plans)} workers, running with {info.num_workers}")
-        ranges, skip = self.plans[worker], self.skip_batches[worker]
+        if info is not None and info.num_workers != len(self.assignments):
+            raise RuntimeError(f"planned for {len(self.assignments)} workers, running with {info.num_workers}")
+        plan_worker, ranges, skip = self.assignments[worker]
         stages = [lambda: _read_ranges(ranges)]
         if self.shuffle_buffer > 1:
-            seed = np.random.SeedSequence(_seed_words(self.seed, self.epoch, self.rank, worker)).generate_state(1)[0]
+            seed = np.random.SeedSequence(_seed_words(self.seed, self.epoch, self.rank, plan_worker)).generate_state(1)[0]
             rng = random.Random(int(seed))
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
         if skip:
@@ -244,8 +244,9 @@ class TokenLoader:
         plans = plan_worker_ranges(self.shards, epoch=self.epoch, seed=self.seed, rank=self.rank,
                                    world_size=self.world_size, num_workers=workers, batch_size=self.batch_size,
                                    batches_per_epoch=self.batches_per_epoch, resampled=self.resampled)
-        skip = batches_to_skip_per_worker(split_evenly(self.batches_per_epoch, workers), self.batches_consumed)
-        return _EpochStream(plans, skip, batch_size=self.batch_size, num_tokens=self.manifest.num_tokens,
+        delivered, next_worker = resume_position(split_evenly(self.batches_per_epoch, workers), self.batches_consumed)
+        order = [(next_worker + i) % workers for i in range(workers)]
+        return _EpochStream([(w, plans[w], delivered[w]) for w in order], batch_size=self.batch_size, num_tokens=self.manifest.num_tokens,
                             seed=self.seed, epoch=self.epoch, rank=self.rank, shuffle_buffer=self.shuffle_buffer,
                             variants=self.manifest.num_crops * self.flip_variants, flip_variants=self.flip_variants)
 

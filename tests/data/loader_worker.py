@@ -1,0 +1,35 @@
+"""torchrun worker: read one epoch of token shards on this rank (2 DataLoader workers), write what it saw.
+
+Usage: loader_worker.py SHARDS_DIR OUT_JSON_PREFIX
+"""
+
+import json
+import os
+import sys
+
+import torch.distributed as dist
+
+from var_train.data import build_token_loader
+
+
+def main() -> None:
+    shards_dir, prefix = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    assert world_size == int(os.environ["WORLD_SIZE"]) == 2, world_size
+    loader = build_token_loader(shards_dir, batch_size=4, patch_nums=(1, 2, 3), vocab_size=4096, num_classes=10,
+                                rank=rank, world_size=world_size, num_workers=2, seed=3, shuffle_buffer=16)
+    seen = []
+    for epoch in range(2):
+        indices = []
+        for batch in loader:
+            indices.append(batch.tokens_per_scale[0][:, 0].tolist())
+        seen.append(indices)
+    with open(f"{prefix}-rank{rank}.json", "w") as f:
+        json.dump({"batches_per_epoch": loader.batches_per_epoch, "epochs": seen}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Pieces shared by the torchrun worker scripts of tests/distributed (a tiny VAR, synthetic
+batches, stand-in configs with the recipe's field names, a single-process reference step)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from var_train.models import VAR  # noqa: E402
+
+PATCH_NUMS = (1, 2, 3, 4)
+VAR_KW = dict(vocab_size=64, z_channels=8, num_classes=10, depth=2, embed_dim=64, num_heads=2,
+              patch_nums=PATCH_NUMS, label_dropout=0.0, drop_path_rate=0.0)
+MICRO_BATCH = 2
+
+
+def tiny_var(seed: int = 0) -> VAR:
+    torch.manual_seed(seed)
+    model = VAR(**VAR_KW)
+    model.init_weights(alng=0.1)
+    return model
+
+
+def parallel_cfg(**overrides) -> SimpleNamespace:
+    cfg = dict(engine="fsdp2", precision="fp32", reshard_after_forward=True, replicate_degree=1,
+               activation_checkpointing=False, compile=False, zero_stage=2)
+    return SimpleNamespace(**{**cfg, **overrides})
+
+
+def optim_cfg(world_size: int, accumulation: int = 1, **overrides) -> SimpleNamespace:
+    cfg = dict(global_batch_size=MICRO_BATCH * world_size * accumulation, micro_batch_size=MICRO_BATCH,
+               base_lr=3e-3, weight_decay=0.05, betas=(0.9, 0.95), eps=1e-8, clip_grad_norm=2.0)
+    return SimpleNamespace(**{**cfg, **overrides})
+
+
+def checkpoint_cfg(**overrides) -> SimpleNamespace:
+    cfg = dict(every_steps=1, keep_last=2, async_save=False, resume="auto")
+    return SimpleNamespace(**{**cfg, **overrides})
+
+
+def global_batch(step: int, size: int, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same (labels, teacher_input, targets) on every rank for a given step."""
+    model_tokens = sum(p * p for p in PATCH_NUMS)
+    gen = torch.Generator().manual_seed(seed + step)
+    labels = torch.randint(0, VAR_KW["num_classes"], (size,), generator=gen)
+    teacher_input = torch.randn(size, model_tokens - 1, VAR_KW["z_channels"], generator=gen)
+    targets = torch.randint(0, VAR_KW["vocab_size"], (size, model_tokens), generator=gen)
+    return labels, teacher_input, targets
+
+
+def micro_batches(step: int, rank: int, world_size: int, accumulation: int, fixed: bool = False):
+    """This rank's micro-batches of a step: the global batch split by rank, then by micro-step."""
+    labels, teacher_input, targets = global_batch(0 if fixed else step, MICRO_BATCH * world_size * accumulation)
+    per_rank = MICRO_BATCH * accumulation
+    sl = slice(rank * per_rank, (rank + 1) * per_rank)
+    labels, teacher_input, targets = labels[sl], teacher_input[sl], targets[sl]
+    return [(labels[i:i + MICRO_BATCH], teacher_input[i:i + MICRO_BATCH], targets[i:i + MICRO_BATCH])
+            for i in range(0, per_rank, MICRO_BATCH)]
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def train_step(engine, step: int, rank: int, world_size: int, accumulation: int, lr: float = 3e-3,
+               fixed: bool = False) -> float:
+    """One optimizer step through the Engine protocol; returns the mean loss over ranks."""
+    batches = micro_batches(step, rank, world_size, accumulation, fixed)
+    total = 0.0
+    for index, (labels, teacher_input, targets) in enumerate(batches):
+        with engine.autocast():
+            logits = engine.model(labels.to(engine.device), teacher_input.to(engine.device))
+        loss = loss_fn(logits.float(), targets.to(engine.device)) / accumulation
+        engine.backward(loss, sync_gradients=index == accumulation - 1)
+        total += loss.item()
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+    engine.clip_grad_norm(2.0)
+    engine.optimizer_step()
+    engine.zero_grad()
+    mean = torch.tensor([total])
+    torch.distributed.all_reduce(mean)
+    return mean.item() / world_size
+
+
+def reference_steps(num_steps: int, world_size: int, accumulation: int, lr: float = 3e-3,
+                    seed: int = 0, fixed: bool = False) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The same training in one process on the whole global batch (no parallelism at all)."""
+    from var_train.parallel.optimizer import parameter_groups
+
+    model = tiny_var(seed)
+    cfg = optim_cfg(world_size, accumulation)
+    optimizer = torch.optim.AdamW(parameter_groups(model.named_parameters(), cfg.weight_decay), lr=lr,
+                                  betas=cfg.betas, eps=cfg.eps)
+    losses = []
+    for step in range(num_steps):
+        labels, teacher_input, targets = global_batch(0 if fixed else step, MICRO_BATCH * world_size * accumulation)
+        loss = loss_fn(model(labels, teacher_input), targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert set(a) == set(b), f"different keys: {sorted(set(a) ^ set(b))}"
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def log(rank: int, message: str) -> None:
+    if rank == 0:
+        print(message, flush=True)

@@ -1,0 +1,86 @@
+"""FSDP2: `fully_shard` per transformer block, then the root (torchtitan's layout).
+
+Each block is one communication group: its parameters are all-gathered just before its forward
+(and again before its backward when `reshard_after_forward`, ZeRO-3 behaviour; kept unsharded
+between forward and backward otherwise, ZeRO-2 behaviour) and its gradients reduce-scattered right
+after its backward. The root group holds the rest: embeddings, position tables, head.
+
+Mixed precision (precision="bf16"): the blocks run with bf16 parameters and reduce gradients in
+fp32; sharded parameters, gradients and AdamW states stay fp32. The root keeps fp32 parameters:
+the VAR computes its logits in fp32 with autocast off, so a bf16 head would not even accept the
+fp32 hidden state (and the root is a few percent of the weights). The forward also runs under
+autocast: it keeps layer norms and softmax in fp32 and casts the fp32 buffers that meet bf16
+parameters inside a block (the attention's zero key bias); on bf16 parameters the matmul casts
+are no-ops.
+
+With `replicate_degree` > 1 the mesh is 2-D (replicate, shard): parameters are sharded within a
+group of world/replicate ranks (one node, typically) and replicated across groups (HSDP), so
+all-gathers stay on the fast intra-node links.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from .activation_checkpoint import apply_activation_checkpointing, apply_compile
+from .engine import Engine, global_grad_norm
+from .optimizer import build_optimizer
+
+
+def build_mesh(device: torch.device, world_size: int, replicate_degree: int) -> DeviceMesh:
+    if replicate_degree < 1 or world_size % replicate_degree:
+        raise ValueError(f"parallel.replicate_degree={replicate_degree} must be >= 1 and divide the "
+                         f"world size {world_size}")
+    if replicate_degree == 1:
+        return init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
+    return init_device_mesh(device.type, (replicate_degree, world_size // replicate_degree),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if precision == "fp32":
+        return MixedPrecisionPolicy()
+    raise ValueError(f"parallel.precision must be 'bf16' or 'fp32', got {precision!r}")
+
+
+def shard_model(model: nn.Module, mesh: DeviceMesh, precision: str, reshard_after_forward: bool,
+                activation_checkpointing: bool, compile: bool) -> nn.Module:
+    """Apply, in this order: activation checkpointing -> compile -> fully_shard per block ->
+    fully_shard root. Modifies `model` in place and returns it."""
+    if activation_checkpointing:
+        apply_activation_checkpointing(model.blocks)
+    if compile:
+        apply_compile(model.blocks)
+    block_policy = mixed_precision_policy(precision)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=block_policy, reshard_after_forward=reshard_after_forward)
+    # The root's parameters are needed again as soon as backward starts: never reshard them.
+    fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(), reshard_after_forward=False)
+    return model
+
+
+class FSDP2Engine(Engine):
+    name = "fsdp2"
+
+    def __init__(self, model: nn.Module, parallel_cfg, optim_cfg, device: torch.device,
+                 world_size: int, grad_accumulation_steps: int):
+        model.to(device)
+        self.mesh = build_mesh(device, world_size, parallel_cfg.replicate_degree)
+        shard_model(model, self.mesh, parallel_cfg.precision, parallel_cfg.reshard_after_forward,
+                    parallel_cfg.activation_checkpointing, parallel_cfg.compile)
+        super().__init__(model, model, build_optimizer(model, optim_cfg), device,
+                         parallel_cfg.precision, grad_accumulation_steps)
+
+    def backward(self, loss: torch.Tensor, sync_gradients: bool) -> None:
+        # Without sync, gradients accumulate unsharded in fp32 locally and are reduce-scattered
+        # on the last micro-batch (more memory, one reduction per optimizer step).
+        self.model.set_requires_gradient_sync(sync_gradients)
+        loss.backward()
+
+    def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
+        return global_grad_norm(list(self.model.parameters()), max_norm)

@@ -11,6 +11,9 @@ import importlib
 import sys
 
 SUBCOMMAND_MODULES = [
+    "var_train.cli.eval",
+    "var_train.cli.fid_stats",
+    "var_train.cli.export",
     "var_train.cli.sample",
 ]
 

@@ -150,7 +150,7 @@ def test_shard_shorter_than_its_manifest_entry_fails_loudly(tmp_path):
 
 def test_pin_memory_and_to(tmp_path):
     make(tmp_path, num_records=8, shard_size=4)
-    batch = next(iter(loader_for(tmp_path)))
+    batch = next(iter(loader_for(tmp_path, pin_memory=True)))  # pinned only where CUDA exists
     moved = batch.to("cpu")
     assert torch.equal(torch.cat(moved.tokens_per_scale, 1), torch.cat(batch.tokens_per_scale, 1))
     assert len(moved) == 4

@@ -78,7 +78,7 @@ def encode_record(record: TokenRecord) -> dict[str, object]:
 
 # The header of every record of a shard is the same few bytes; parsing it once and remembering
 # the result keeps decoding at np.frombuffer speed (about a microsecond a record).
-_header_cache: dict[bytes, tuple[int, ...]] = {}
+_header_cache: dict[bytes, tuple[tuple[int, ...], int]] = {}
 
 
 def decode_tokens(data: bytes) -> np.ndarray:
@@ -93,12 +93,13 @@ def decode_tokens(data: bytes) -> np.ndarray:
     else:
         raise ValueError(f"unsupported .npy version {major}")
     header = data[:header_end]
-    shape = _header_cache.get(header)
-    if shape is None:
+    parsed = _header_cache.get(header)
+    if parsed is None:
         shape = _parse_npy_header(header[10 if major == 1 else 12:])
+        parsed = shape, int(np.prod(shape))
         if len(_header_cache) < 64:
-            _header_cache[header] = shape
-    count = int(np.prod(shape))
+            _header_cache[header] = parsed
+    shape, count = parsed
     if len(data) - header_end != 2 * count:
         raise ValueError(f"truncated .npy: {len(data) - header_end} bytes of data for shape {shape}")
     return np.frombuffer(data, dtype="<u2", count=count, offset=header_end).reshape(shape)

@@ -2,7 +2,7 @@
 
 Python's `tarfile` spends ~100 us parsing each member header (checksums, pax, many small
 reads); a token record is three members of 1-2 KB, so it caps a loader process at a few thousand
-records/s. This reader maps the file and walks the 512-byte ustar/GNU headers directly (a few
+records/s. This reader reads the file and walks the 512-byte ustar/GNU headers directly (a few
 microseconds a member). It yields samples in WebDataset's own format (`__key__`, `__url__` and one
 bytes value per extension, key and extension split at the first dot of the basename), so the rest
 of the pipeline is stock `webdataset` (shuffle, batched, WebLoader). Archives it does not
@@ -11,7 +11,6 @@ understand raise ValueError naming the file and offset; it never guesses.
 
 from __future__ import annotations
 
-import mmap
 from pathlib import Path
 from typing import Iterator
 
@@ -47,60 +46,62 @@ def iter_tar_members(url: str | Path) -> Iterator[tuple[str, bytes]]:
     """(member name, content) for each regular file of a tar, in archive order."""
     url = str(url)
     with open(url, "rb") as f:
-        if Path(url).stat().st_size == 0:
-            raise ValueError(f"{url}: empty file, not a tar")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            size_total, position, long_name = len(data), 0, None
-            while position + BLOCK <= size_total:
-                header = data[position:position + BLOCK]
-                if header[0] == 0 and header.count(0) == BLOCK:
-                    return  # end-of-archive marker
-                if header[257:262] != b"ustar":
-                    raise ValueError(f"{url}: not a tar header at offset {position}")
-                size = _octal(header[124:136], url, position)
-                typeflag = header[156:157]
-                start = position + BLOCK
-                position = start + (size + BLOCK - 1) // BLOCK * BLOCK
-                if start + size > size_total:
-                    raise ValueError(f"{url}: truncated member at offset {start - BLOCK} "
-                                     f"({size} bytes announced, {size_total - start} left)")
-                if typeflag in (b"L", b"x"):
-                    payload = data[start:start + size]
-                    long_name = (payload.rstrip(b"\0").decode("utf-8") if typeflag == b"L"
-                                 else _pax_path(payload))
-                    continue
-                if typeflag in _SKIPPED:
-                    long_name = None
-                    continue
-                if typeflag not in _REGULAR:
-                    raise ValueError(f"{url}: unknown tar member type {typeflag!r} at offset {start - BLOCK}")
-                if long_name is not None:
-                    name, long_name = long_name, None
-                else:
-                    name = header[0:100].split(b"\0", 1)[0].decode("utf-8")
-                    prefix = header[345:500].split(b"\0", 1)[0]
-                    if prefix:
-                        name = prefix.decode("utf-8") + "/" + name
-                yield name, data[start:start + size]
-            if position < size_total:
-                raise ValueError(f"{url}: truncated tar header at offset {position}")
-            raise ValueError(f"{url}: tar ends without its end-of-archive marker (truncated?)")
+        data = f.read()  # a shard is tens of MB; one read beats many small ones
+    if not data:
+        raise ValueError(f"{url}: empty file, not a tar")
+    size_total, position, long_name = len(data), 0, None
+    while position + BLOCK <= size_total:
+        if data[position] == 0 and data[position:position + BLOCK].count(0) == BLOCK:
+            return  # end-of-archive marker
+        if data[position + 257:position + 262] != b"ustar":
+            raise ValueError(f"{url}: not a tar header at offset {position}")
+        try:
+            size = int(data[position + 124:position + 135], 8)  # 11 octal digits, as tarfile writes them
+        except ValueError:
+            size = _octal(data[position + 124:position + 136], url, position)
+        typeflag = data[position + 156:position + 157]
+        start = position + BLOCK
+        if start + size > size_total:
+            raise ValueError(f"{url}: truncated member at offset {position} "
+                             f"({size} bytes announced, {size_total - start} left)")
+        header_at, position = position, start + (size + BLOCK - 1) // BLOCK * BLOCK
+        if typeflag in _REGULAR:
+            if long_name is not None:
+                name, long_name = long_name, None
+            else:
+                end = data.find(b"\0", header_at, header_at + 100)
+                name = data[header_at:end if end >= 0 else header_at + 100].decode("utf-8")
+                if data[header_at + 345] != 0:
+                    end = data.find(b"\0", header_at + 345, header_at + 500)
+                    name = data[header_at + 345:end if end >= 0 else header_at + 500].decode("utf-8") + "/" + name
+            yield name, data[start:start + size]
+        elif typeflag in (b"L", b"x"):
+            payload = data[start:start + size]
+            long_name = payload.rstrip(b"\0").decode("utf-8") if typeflag == b"L" else _pax_path(payload)
+        elif typeflag in _SKIPPED:
+            long_name = None
+        else:
+            raise ValueError(f"{url}: unknown tar member type {typeflag!r} at offset {header_at}")
+    if position < size_total:
+        raise ValueError(f"{url}: truncated tar header at offset {position}")
+    raise ValueError(f"{url}: tar ends without its end-of-archive marker (truncated?)")
 
 
 def iter_tar_samples(url: str | Path) -> Iterator[dict]:
     """Group consecutive members sharing a key into WebDataset sample dicts."""
     url = str(url)
     sample: dict | None = None
+    key = None
     for name, content in iter_tar_members(url):
-        slash = name.rfind("/")
-        dot = name.find(".", slash + 1)
+        dot = name.find(".", name.rfind("/") + 1)
         if dot < 0:
             continue  # no extension: not part of a sample (WebDataset skips these too)
-        key, extension = name[:dot], name[dot + 1:].lower()
-        if sample is None or sample["__key__"] != key:
+        if name[:dot] != key:
             if sample is not None:
                 yield sample
+            key = name[:dot]
             sample = {"__key__": key, "__url__": url}
+        extension = name[dot + 1:].lower()
         if extension in sample:
             raise ValueError(f"{url}: duplicate member {name!r}")
         sample[extension] = content

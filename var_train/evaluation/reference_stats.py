@@ -285,3 +285,47 @@ def load_reference(path: str | Path, extractor: FeatureExtractor, *, need_featur
             stats.mu, stats.sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
             stats.extractor = ADM_EXTRACTOR
         return stats
+
+
+def compute_fid_stats(*, out: str | Path, images: str | Path | None = None, shards: str | Path | None = None,
+                      vae: str | Path | None = None, resolution: int | None = None, limit: int | None = None,
+                      feature_extractor: str = "inception", inception_weights: str | Path | None = None,
+                      batch_size: int = 100, keep_features: bool = True, device: torch.device | str = "cpu",
+                      progress: bool = True) -> tuple[ReferenceStatistics, Path]:
+    """`var-train fid-stats`: statistics of an image folder, an ADM `.npz` (arr_0) or token shards
+    decoded by `vae`, saved to `out` (by rank 0; collective when a process group exists)."""
+    from .features import build_feature_extractor
+
+    if (images is None) == (shards is None):
+        raise ValueError("give exactly one of images (folder or ADM .npz) and shards")
+    extractor = build_feature_extractor(feature_extractor, inception_weights=inception_weights, device=device)
+    if shards is not None:
+        if vae is None:
+            raise ValueError("token shards need the VQVAE that decodes them (vae=...)")
+        from var_train.data import read_manifest
+        from var_train.models.checkpoint_io import load_vae
+
+        decoder = load_vae(vae, patch_nums=list(read_manifest(shards).patch_nums)).to(device).eval()
+        stats = statistics_of_token_shards(shards, decoder, extractor, batch_size=batch_size, limit=limit,
+                                           keep_features=keep_features, progress=progress)
+    elif Path(images).is_dir():
+        files = list_images(images)[:limit]
+        stats = statistics_of_images(files, extractor, resolution=resolution or folder_resolution(files),
+                                     batch_size=batch_size, keep_features=keep_features, progress=progress,
+                                     source=str(images))
+    else:
+        with np.load(images, allow_pickle=False) as data:
+            if "arr_0" not in data.files:
+                raise ValueError(f"{images} has no arr_0 images (keys: {data.files})")
+            array = data["arr_0"][:limit]
+        if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
+            raise ValueError(f"{images}: arr_0 must be uint8 images (N, H, W, 3), got {array.dtype} {array.shape}")
+        stats = statistics_of_images(array, extractor, resolution=array.shape[1], batch_size=batch_size,
+                                     keep_features=keep_features, progress=progress, source=str(images))
+    path = Path(out)
+    rank, _ = _rank_and_world()
+    if rank == 0:
+        save_reference_stats(stats, path)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    return stats, path

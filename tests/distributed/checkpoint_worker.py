@@ -7,7 +7,7 @@
         interrupted save is ignored), keep_last retention and an asynchronous save. Leaves the
         checkpoints and the expected full state dicts in OUT_DIR for the export tests.
     checkpoint_worker.py reshard OUT_DIR       (1 rank)
-        loads the 2-rank FSDP2 checkpoint and checks the full parameters and optimizer state.
+        loads the 2-rank FSDP2 checkpoint (into fsdp2, then ddp) and checks parameters and optimizer.
 """
 
 from __future__ import annotations
@@ -141,7 +141,12 @@ def reshard(info, out_dir: Path) -> None:
     assert moments and all(torch.isfinite(v).all() for v in moments.values())
     assert any(k.endswith("exp_avg") and v.abs().sum() > 0 for k, v in moments.items()), "optimizer moments are empty"
     train_step(engine, SAVE_AT, 0, 1, 1)  # and training goes on, on one rank
-    log(0, "OK a 2-rank fsdp2 checkpoint loads on 1 rank with identical parameters")
+    # DCP state has the same names and global shapes under every DCP engine: DDP reads it too.
+    ddp = build(info, "ddp", seed=6)
+    Checkpointer(checkpoint_cfg(), out_dir / "fsdp2").load_latest(ddp)
+    gap = max_difference(ddp.full_state_dict(), expected)
+    assert gap == 0.0, f"the fsdp2 checkpoint loads into ddp with a parameter difference of {gap}"
+    log(0, "OK a 2-rank fsdp2 checkpoint loads on 1 rank with identical parameters (fsdp2 and ddp)")
 
 
 def main(mode: str, out_dir: str) -> None:

@@ -50,9 +50,33 @@ def check_fsdp2_sharding(info, engine, placements) -> None:
     log(info.rank, f"OK fsdp2 placements {placements}: {local_rows} of {rows} rows per rank")
 
 
+def check_wrapping_order(info) -> None:
+    """activation checkpointing -> compile -> fully_shard per block -> root, and clean state names.
+    (torch.compile is lazy: nothing is compiled unless the model runs.)"""
+    from torch._dynamo.eval_frame import OptimizedModule
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+    from torch.distributed.fsdp import FSDPModule
+
+    engine = build_engine(tiny_var(), parallel_cfg(activation_checkpointing=True, compile=True),
+                          optim_cfg(info.world_size), info.device)
+    block = engine.model.blocks[0]
+    assert isinstance(engine.model, FSDPModule) and isinstance(block, FSDPModule), type(block)
+    assert isinstance(block, OptimizedModule) and isinstance(block._orig_mod, CheckpointWrapper), type(block)
+    model_state, _ = engine.dcp_state()
+    assert set(model_state) == set(tiny_var().state_dict()), sorted(model_state)[:5]
+    log(info.rank, "OK fsdp2 wrapping order: FSDP(compile(checkpoint(block))); state names stay clean")
+
+
 def check_loss_falls(info, name: str, **parallel_overrides) -> None:
     engine = build_engine(tiny_var(), parallel_cfg(**parallel_overrides), optim_cfg(info.world_size), info.device)
+    seen = []  # dtype of a block's weight and of its matmul output inside the forward
+    linear = engine.unwrapped_model.blocks[0].attn.proj
+    handle = linear.register_forward_hook(lambda module, args, out: seen.append((module.weight.dtype, out.dtype)))
     losses = [train_step(engine, 0, info.rank, info.world_size, 1, fixed=True) for _ in range(6)]
+    handle.remove()
+    assert seen and all(out == torch.bfloat16 for _, out in seen), f"{name}: block matmuls ran in {seen[0]}"
+    if parallel_overrides.get("engine", "fsdp2") == "fsdp2":
+        assert seen[0][0] == torch.bfloat16, f"{name}: FSDP2 gathered {seen[0][0]} block weights, not bf16"
     assert all(torch.isfinite(torch.tensor(losses))), f"{name}: non-finite loss {losses}"
     assert losses[-1] < losses[0] - 0.05, f"{name}: loss did not fall on a fixed batch: {losses}"
     for param in engine.optimizer.param_groups[0]["params"]:
@@ -71,6 +95,7 @@ def main(which: str) -> None:
         engine = check_matches_reference(info, "fsdp2 HSDP replicate_degree=2", 1, replicate_degree=2)
         check_fsdp2_sharding(info, engine, (Replicate(), Shard(0)))
         check_loss_falls(info, "fsdp2 bf16", precision="bf16")
+        check_wrapping_order(info)
     if which in ("all", "ddp"):
         check_matches_reference(info, "ddp fp32, accumulation 2", 2, engine="ddp")
         check_loss_falls(info, "ddp bf16", engine="ddp", precision="bf16")

@@ -20,7 +20,7 @@ def test_every_engine_trains_like_a_single_process():
     for check in ("OK fsdp2 fp32:", "OK fsdp2 placements (Shard(dim=0),): 96 of 192 rows per rank",
                   "OK fsdp2 fp32, accumulation 2, activation checkpointing, no reshard:",
                   "OK fsdp2 HSDP replicate_degree=2:", "OK fsdp2 placements (Replicate(), Shard(dim=0))",
-                  "OK fsdp2 bf16:", "OK ddp fp32, accumulation 2:", "OK ddp bf16:",
+                  "OK fsdp2 bf16:", "OK fsdp2 wrapping order", "OK ddp fp32, accumulation 2:", "OK ddp bf16:",
                   "OK deepspeed zero 2 fp32, accumulation 2:", "OK deepspeed zero 3 fp32:",
                   "OK deepspeed zero 2 bf16:"):
         assert check in output, f"missing check {check!r} in:\n{output}"

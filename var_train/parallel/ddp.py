@@ -54,7 +54,9 @@ class DDPEngine(Engine):
             apply_activation_checkpointing(model.blocks)
         if parallel_cfg.compile:
             apply_compile(model.blocks)
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # The VAR's buffers are constants (scale index, mask): no need to broadcast them every forward.
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      broadcast_buffers=False)
         self.ddp = ddp
         self.world_size = world_size
         self.micro_step = 0

@@ -43,6 +43,19 @@ def write_digits(out: Path, count: int, resolution: int, ext: str) -> list[Path]
     return paths
 
 
+def _bytes_per_record(folder: Path) -> float:
+    """Tar bytes a record occupies (512-byte header + padded content per member), without the
+    fixed end-of-archive padding of each shard, which small benchmark shards would overstate."""
+    from var_train.data.tar_reader import iter_tar_members
+
+    total = records = 0
+    for shard in folder.glob("shard-*.tar"):
+        for name, content in iter_tar_members(shard):
+            total += 512 + -(-len(content) // 512) * 512
+            records += name.endswith(".cls")
+    return total / records
+
+
 def encoder_rate(vae: VQVAE, resolution: int, batch: int, device: torch.device) -> float:
     images = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
     vae.image_to_tokens(images[:1])  # warm-up
@@ -70,11 +83,11 @@ def run_case(name: str, vae: VQVAE, resolution: int, count: int, ext: str, batch
                     resolution=resolution, patch_nums=tuple(vae.patch_nums), batch_size=batch_size, flip=True,
                     num_workers=workers, shard_size=1000, progress=False, device=str(device)))
             folder = tmp / ("tokens_flip" if flip else "tokens")
-            record_bytes = sum(p.stat().st_size for p in folder.glob("shard-*.tar")) / summary.num_records
+            record_bytes = _bytes_per_record(folder)
             input_bytes = np.mean([p.stat().st_size for p in inputs])
             print(f"{name}{' --flip' if flip else ''}: {summary.num_records} images in {summary.seconds:.1f} s "
                   f"= {summary.images_per_second:.1f} images/s (whole command, {workers} decode workers); "
-                  f"{record_bytes:.0f} bytes/record on disk vs {input_bytes:.0f} bytes per input {ext}")
+                  f"{record_bytes:.0f} bytes/record in the shards vs {input_bytes:.0f} bytes per input {ext}")
         print(f"{name}: encoder alone {encoder_rate(vae, resolution, batch_size, device):.1f} images/s "
               f"(batch {batch_size}, fp32, {device})")
 

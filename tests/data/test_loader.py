@@ -130,13 +130,14 @@ def test_crops_pick_one_stored_crop(tmp_path):
     assert set(variants) == {0, 2, 4}  # crop c is variant 2c in the synthetic data
 
 
-def test_corrupt_record_is_reported_with_shard_and_key(tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_corrupt_record_is_reported_with_shard_and_key(tmp_path, num_workers):
     make(tmp_path, num_records=8, shard_size=4)
     bad = [TokenRecord(f"r{i:07d}", record_tokens(i, 14, VOCAB), i % 10) for i in range(4, 8)]
     bad[2] = TokenRecord("r0000006", np.zeros(13, np.uint16), 6)  # wrong length
     write_shard(tmp_path / shard_name(1), bad)
     with pytest.raises(CorruptRecordError, match=r"r0000006.*shard-000001\.tar"):
-        for _ in loader_for(tmp_path, batch_size=2, shuffle_buffer=0):
+        for _ in loader_for(tmp_path, batch_size=2, shuffle_buffer=0, num_workers=num_workers):
             pass
 
 
@@ -154,3 +155,19 @@ def test_pin_memory_and_to(tmp_path):
     moved = batch.to("cpu")
     assert torch.equal(torch.cat(moved.tokens_per_scale, 1), torch.cat(batch.tokens_per_scale, 1))
     assert len(moved) == 4
+
+
+def test_out_of_range_label_is_reported(tmp_path):
+    make(tmp_path, num_records=4, shard_size=4)
+    write_shard(tmp_path / shard_name(0), [TokenRecord(f"r{i:07d}", record_tokens(i, 14, VOCAB), 12 if i == 2 else i)
+                                           for i in range(4)])
+    with pytest.raises(CorruptRecordError, match=r"r0000002.*class 12 outside \[0, 10\)"):
+        list(loader_for(tmp_path, batch_size=2))
+
+
+def test_resume_with_another_batch_size_keeps_the_samples_seen(tmp_path):
+    make(tmp_path, num_records=48, shard_size=8)
+    loader = loader_for(tmp_path, batch_size=8)
+    loader.load_state_dict({"epoch": 2, "batches_consumed": 5, "world_size": 1, "batch_size": 4, "num_workers": 0})
+    assert (loader.epoch, loader.batches_consumed, len(loader)) == (2, 2, 4)
+    assert len(list(loader)) == 4 and loader.epoch == 3

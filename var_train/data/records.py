@@ -35,7 +35,10 @@ _NPY_MAGIC = b"\x93NUMPY"
 class CorruptRecordError(ValueError):
     """A record that cannot be decoded; the message names its shard and key."""
 
-    def __init__(self, shard: str, key: str, reason: str):
+    def __init__(self, shard: str, key: str | None = None, reason: str | None = None):
+        if key is None:  # rebuilt from its message (DataLoader re-raising a worker's exception)
+            super().__init__(shard)
+            return
         self.shard, self.key, self.reason = shard, key, reason
         super().__init__(f"corrupt record {key!r} in shard {shard}: {reason}")
 

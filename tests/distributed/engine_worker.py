@@ -84,7 +84,21 @@ def check_loss_falls(info, name: str, **parallel_overrides) -> None:
     log(info.rank, f"OK {name}: loss {losses[0]:.3f} -> {losses[-1]:.3f} on a fixed batch")
 
 
+def single_process() -> None:
+    """A plain `python` run without any launcher: a world of one, every engine still works."""
+    import os
+
+    assert "RANK" not in os.environ and "MASTER_ADDR" not in os.environ, "started by a launcher"
+    info = init_distributed()
+    assert (info.rank, info.world_size) == (0, 1), info
+    for engine in ("fsdp2", "ddp", "deepspeed"):
+        check_matches_reference(info, f"{engine} in a plain single process", 1, engine=engine)
+
+
 def main(which: str) -> None:
+    if which == "single":
+        single_process()
+        return destroy_distributed()
     info = init_distributed()
     assert info.world_size == 2, f"expected 2 ranks, got {info.world_size}"
     if which in ("all", "fsdp2"):

@@ -26,6 +26,22 @@ def test_every_engine_trains_like_a_single_process():
         assert check in output, f"missing check {check!r} in:\n{output}"
 
 
+def test_every_engine_runs_in_a_plain_single_process():
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run([sys.executable, str(WORKER), "single"], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for engine in ("fsdp2", "ddp", "deepspeed"):
+        assert f"OK {engine} in a plain single process" in proc.stdout, proc.stdout
+
+
 def test_no_weight_decay_on_vectors_biases_positions_levels_and_temperatures():
     from tests.distributed.worker_common import tiny_var
 

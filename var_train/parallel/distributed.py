@@ -76,6 +76,10 @@ def init_distributed(backend: str | None = None, timeout: timedelta = timedelta(
     metadata and async saves use CPU collectives), gloo alone on a CPU machine.
     """
     rank, world_size, local_rank = launcher_ranks()
+    # Libraries that read the torchrun variables themselves (DeepSpeed asserts LOCAL_RANK) must
+    # see the same values under srun or in a plain single process.
+    for name, value in (("RANK", rank), ("WORLD_SIZE", world_size), ("LOCAL_RANK", local_rank)):
+        os.environ.setdefault(name, str(value))
     device = default_device(local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -1,7 +1,8 @@
 """`var-prep extract`: images -> multi-scale token shards (WebDataset tars + manifest.json).
 
-Determinism and distribution: the sorted input list is cut into fixed chunks of `shard_size`
-items, chunk i -> `shard-{i:06d}.tar`; rank r of W takes the chunks i with i % W == r. Images are
+Determinism and distribution: the sorted input list is put in a seeded random order (so every
+shard mixes all classes; a loader's shuffle buffer could not undo class-sorted shards), then cut
+into fixed chunks of `shard_size` items, chunk i -> `shard-{i:06d}.tar`; rank r of W takes the chunks i with i % W == r. Images are
 encoded in batches that never cross a chunk, so the tokens of a shard do not depend on the number
 of ranks (a 2-rank run writes the same bytes as a 1-rank run).
 
@@ -59,7 +60,8 @@ class ExtractConfig:
     patch_nums: tuple[int, ...] = DEFAULT_PATCH_NUMS
     flip: bool = False
     crops: int = 1
-    seed: int = 0
+    seed: int = 0                      # order of the images over the shards, and random crops
+    shuffle: bool = True               # False: shards follow the sorted input order
     shard_size: int = 5000
     batch_size: int = 64
     num_workers: int = 4
@@ -243,12 +245,15 @@ def extract_tokens(config: ExtractConfig) -> ExtractionSummary:
 
     sources: SourceList = list_sources(config.source, config.input_format, config.num_classes)
     items = sources.items
+    if config.shuffle:
+        items = [items[i] for i in np.random.default_rng(config.seed).permutation(len(items))]
     num_shards = max(1, -(-len(items) // config.shard_size))
     vae_sha256 = file_sha256(config.vae)
     transform = ReferenceTransform(config.resolution, config.crops, config.seed)
     settings = {"source": sources.description, "num_inputs": len(items), "inputs_sha256": _chunk_hash(items),
                 "vae_sha256": vae_sha256, "resolution": config.resolution, "patch_nums": list(patch_nums),
-                "flip": config.flip, "crops": config.crops, "seed": config.seed, "shard_size": config.shard_size,
+                "flip": config.flip, "crops": config.crops, "seed": config.seed, "shuffle": config.shuffle,
+                "shard_size": config.shard_size,
                 "min_size": config.min_size}
     _check_or_write_run_config(out, settings, rank)
 
@@ -343,7 +348,8 @@ def _finalize(out: Path, num_shards: int, sources: SourceList, config: ExtractCo
         resolution=config.resolution, patch_nums=list(patch_nums), vocab_size=vocab_size,
         num_tokens=sum(p * p for p in patch_nums), has_flip=config.flip, num_crops=config.crops,
         vae_sha256=vae_sha256, vae_path=str(config.vae), preprocessing=transform.describe(),
-        source=sources.description, skipped=dict(reasons), tool=TOOL, tool_version=var_train.__version__,
+        source={**sources.description, "shuffled_with_seed": config.seed if config.shuffle else None},
+        skipped=dict(reasons), tool=TOOL, tool_version=var_train.__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     if write:

@@ -45,7 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also store the tokens of the horizontally flipped image (tokens_flip.npy)")
     parser.add_argument("--crops", type=int, default=1,
                         help="1 = centre crop (default); N > 1 = N seeded random crops per image, stored together")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random crops (default 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the image order over the shards and of the random crops (default 0)")
+    parser.add_argument("--no-shuffle", action="store_true",
+                        help="keep the sorted input order in the shards (default: a seeded random order, so "
+                             "every shard mixes all classes)")
     parser.add_argument("--shard-size", type=int, default=5000, help="input images per shard (default 5000)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per encoder batch (default 64)")
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
@@ -67,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = ExtractConfig(
         source=args.source, vae=args.vae, out=args.out, resolution=args.resolution, patch_nums=args.patch_nums,
-        flip=args.flip, crops=args.crops, seed=args.seed, shard_size=args.shard_size, batch_size=args.batch_size,
+        flip=args.flip, crops=args.crops, seed=args.seed, shuffle=not args.no_shuffle, shard_size=args.shard_size, batch_size=args.batch_size,
         num_workers=args.num_workers, min_size=args.min_size, input_format=args.input_format,
         num_classes=args.num_classes, device=args.device, max_shards=args.max_shards, progress=not args.no_progress,
     )

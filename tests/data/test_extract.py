@@ -154,13 +154,17 @@ def test_list_and_webdataset_inputs_match_the_image_folder(tmp_path):
     arrays = random_images(5, 70, 64, seed=4)
     labels = [1, 0, 1, 1, 0]
     paths = write_image_folder(tmp_path / "images", arrays, labels)
-    run_extract(tmp_path / "images", vae_path, tmp_path / "from_folder")
+    run_extract(tmp_path / "images", vae_path, tmp_path / "from_folder", shuffle=False)
     folder_tokens = {p.stem: r.tokens for p, r in zip(sorted(paths), read_records(tmp_path / "from_folder"))}
+    shuffled = read_records(tmp_path / "from_folder_shuffled") if run_extract(
+        tmp_path / "images", vae_path, tmp_path / "from_folder_shuffled") else None
+    assert [r.key for r in shuffled] != [r.key for r in read_records(tmp_path / "from_folder")]
+    assert sorted(r.key for r in shuffled) == [r.key for r in read_records(tmp_path / "from_folder")]
 
     csv = tmp_path / "list.csv"
     csv.write_text("path,label\n" + "".join(f"{p.relative_to(tmp_path)},{'cat' if l else 'dog'}\n"
                                             for p, l in zip(paths, labels)))
-    run_extract(csv, vae_path, tmp_path / "from_csv")
+    run_extract(csv, vae_path, tmp_path / "from_csv", shuffle=False)
     from_csv = read_records(tmp_path / "from_csv")
     assert read_manifest(tmp_path / "from_csv").class_names == ["cat", "dog"]
     assert [r.label for r in from_csv] == [0 if l else 1 for l in labels]
@@ -170,7 +174,7 @@ def test_list_and_webdataset_inputs_match_the_image_folder(tmp_path):
             writer.write({"__key__": path.stem, "png": path.read_bytes(), "cls": str(label).encode()})
     (tmp_path / "tars").mkdir()
     (tmp_path / "images-000.tar").rename(tmp_path / "tars" / "images-000.tar")
-    run_extract(tmp_path / "tars", vae_path, tmp_path / "from_wds")
+    run_extract(tmp_path / "tars", vae_path, tmp_path / "from_wds", shuffle=False)
     from_wds = read_records(tmp_path / "from_wds")
     assert [r.label for r in from_wds] == labels
     for path, a, b in zip(paths, from_csv, from_wds):

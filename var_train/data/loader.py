@@ -10,7 +10,8 @@ How an epoch is planned (all ranks compute the same plan from the manifest, no c
    of batches; a piece is a list of (shard, first record, record count) ranges;
 4. each worker streams its ranges with WebDataset, shuffles them in a seeded buffer, batches in
    numpy and hands (tokens, labels) tensors to the DataLoader, which returns the workers' batches
-   round-robin in worker order.
+   round-robin in worker order (on resume the plan is rotated so the worker that was next comes
+   first). Shards mix all classes because `var-prep extract` writes images in a seeded random order.
 Everything is a pure function of (seed, epoch, rank, world_size, num_workers, batch_size), so a
 restart that skips the batches already consumed sees exactly the batches it would have seen.
 In `resampled` mode each worker instead draws shards at random (with replacement, seeded per

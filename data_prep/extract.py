@@ -185,6 +185,8 @@ class _ImageItems(Dataset):
             return index, None, None, str(e)
         except OSError as e:  # missing or unreadable file
             return index, None, None, f"cannot read file: {e.strerror or e}"
+        except Exception as e:  # anything else one odd file can raise must not end a long run
+            return index, None, None, f"unexpected error: {type(e).__name__}: {e}"
 
 
 def _keep_list(batch):

@@ -187,3 +187,16 @@ def test_resolution_must_match_patch_nums(tmp_path):
     write_image_folder(tmp_path / "images", random_images(1, 64, 64), [0])
     with pytest.raises(ValueError, match="resolution 64"):
         run_extract(tmp_path / "images", vae_path, tmp_path / "t", resolution=128)
+
+
+def test_missing_file_in_a_list_is_reported(tmp_path):
+    vae_path, _ = tiny_vae_checkpoint(tmp_path)
+    paths = write_image_folder(tmp_path / "images", random_images(2, 64, 64), [0, 1])
+    listing = tmp_path / "list.jsonl"
+    listing.write_text("".join(json.dumps({"path": str(p), "label": i}) + "\n" for i, p in enumerate(paths))
+                       + json.dumps({"path": "images/gone.jpg", "label": 1}) + "\n")
+    summary = run_extract(listing, vae_path, tmp_path / "tokens")
+    assert summary.complete and summary.num_records == 2
+    report = json.loads((tmp_path / "tokens" / "report.json").read_text())
+    assert report["skipped"] == [{"source": str(tmp_path / "images" / "gone.jpg"),
+                                  "reason": "cannot read file: No such file or directory"}]

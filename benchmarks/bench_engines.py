@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -52,6 +51,7 @@ def relaunch(args: argparse.Namespace) -> int:
 
 def bench_engine(name: str, args, info) -> dict:
     from var_train.checkpoint import Checkpointer
+    from var_train.config import CheckpointConfig, OptimConfig, ParallelConfig
     from var_train.models import VAR
     from var_train.parallel import build_engine
 
@@ -61,10 +61,8 @@ def bench_engine(name: str, args, info) -> dict:
                 patch_nums=patch_nums)
     model.init_weights()
     num_params = sum(p.numel() for p in model.parameters())
-    parallel = SimpleNamespace(engine=name, precision=args.precision, reshard_after_forward=True, replicate_degree=1,
-                               activation_checkpointing=False, compile=False, zero_stage=args.zero_stage)
-    optim = SimpleNamespace(global_batch_size=args.micro_batch * info.world_size, micro_batch_size=args.micro_batch,
-                            base_lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95), eps=1e-8, clip_grad_norm=2.0)
+    parallel = ParallelConfig(engine=name, precision=args.precision, zero_stage=args.zero_stage)
+    optim = OptimConfig(global_batch_size=args.micro_batch * info.world_size, micro_batch_size=args.micro_batch)
     engine = build_engine(model, parallel, optim, info.device)
     tokens = model.num_tokens
     labels = torch.randint(0, model.num_classes, (args.micro_batch,), device=info.device)
@@ -94,7 +92,7 @@ def bench_engine(name: str, args, info) -> dict:
     run_dir = tempfile.mkdtemp(prefix="bench-ckpt-") if info.rank == 0 else None
     holder = [run_dir]
     dist.broadcast_object_list(holder)
-    checkpointer = Checkpointer(SimpleNamespace(every_steps=1, keep_last=1, async_save=False, resume="none"), holder[0])
+    checkpointer = Checkpointer(CheckpointConfig(keep_last=1, resume="none"), holder[0])
     dist.barrier()
     start = time.perf_counter()
     checkpointer.save(1, engine, {"step": 1})

@@ -76,9 +76,9 @@ def test_launcher_ranks_from_torchrun_then_slurm(monkeypatch):
 
 
 def _parallel(**overrides):
-    cfg = dict(engine="fsdp2", precision="bf16", reshard_after_forward=True, replicate_degree=1,
-               activation_checkpointing=False, compile=False, zero_stage=2)
-    return SimpleNamespace(**{**cfg, **overrides})
+    from var_train.config import ParallelConfig
+
+    return ParallelConfig(**{"engine": "fsdp2", "precision": "bf16", **overrides})
 
 
 def test_memory_estimate_follows_sharding_and_checkpointing():

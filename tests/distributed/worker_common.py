@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from types import SimpleNamespace
-
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from var_train.config import CheckpointConfig, OptimConfig, ParallelConfig  # noqa: E402
 from var_train.models import VAR  # noqa: E402
 
 PATCH_NUMS = (1, 2, 3, 4)
@@ -27,21 +26,18 @@ def tiny_var(seed: int = 0) -> VAR:
     return model
 
 
-def parallel_cfg(**overrides) -> SimpleNamespace:
-    cfg = dict(engine="fsdp2", precision="fp32", reshard_after_forward=True, replicate_degree=1,
-               activation_checkpointing=False, compile=False, zero_stage=2)
-    return SimpleNamespace(**{**cfg, **overrides})
+def parallel_cfg(**overrides) -> ParallelConfig:
+    return ParallelConfig(**{"engine": "fsdp2", "precision": "fp32", **overrides})
 
 
-def optim_cfg(world_size: int, accumulation: int = 1, **overrides) -> SimpleNamespace:
+def optim_cfg(world_size: int, accumulation: int = 1, **overrides) -> OptimConfig:
     cfg = dict(global_batch_size=MICRO_BATCH * world_size * accumulation, micro_batch_size=MICRO_BATCH,
-               base_lr=3e-3, weight_decay=0.05, betas=(0.9, 0.95), eps=1e-8, clip_grad_norm=2.0)
-    return SimpleNamespace(**{**cfg, **overrides})
+               base_lr=3e-3, weight_decay=0.05, betas=[0.9, 0.95], eps=1e-8, clip_grad_norm=2.0)
+    return OptimConfig(**{**cfg, **overrides})
 
 
-def checkpoint_cfg(**overrides) -> SimpleNamespace:
-    cfg = dict(every_steps=1, keep_last=2, async_save=False, resume="auto")
-    return SimpleNamespace(**{**cfg, **overrides})
+def checkpoint_cfg(**overrides) -> CheckpointConfig:
+    return CheckpointConfig(**{"every_steps": 1, "keep_last": 2, "async_save": False, "resume": "auto", **overrides})
 
 
 def global_batch(step: int, size: int, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

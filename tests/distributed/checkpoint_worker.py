@@ -126,6 +126,12 @@ def retention_and_async(info, run_dir: Path) -> None:
     assert state == {"step": 12}, state
     gap = max_difference(resumed.full_state_dict(), expected)
     assert gap == 0.0, f"the asynchronous checkpoint differs from the state at save time by {gap}"
+    # Saving a step that already has a checkpoint (e.g. again after a resume) replaces it.
+    ckpt.save(12, engine, {"step": 12, "again": True}, blocking=True)
+    state = Checkpointer(checkpoint_cfg(), run_dir).load_latest(resumed)
+    assert state == {"step": 12, "again": True}, state
+    assert max_difference(resumed.full_state_dict(), engine.full_state_dict()) == 0.0
+    assert [p.name for p in complete_checkpoints(run_dir / "checkpoints")] == names
     log(info.rank, f"OK keep_last=2 keeps {names}; async save holds the state at save time")
 
 

@@ -84,6 +84,27 @@ def check_loss_falls(info, name: str, **parallel_overrides) -> None:
     log(info.rank, f"OK {name}: loss {losses[0]:.3f} -> {losses[-1]:.3f} on a fixed batch")
 
 
+def check_nonfinite_step_is_skipped(info, name: str, **parallel_overrides) -> None:
+    """A NaN loss gives a non-finite norm; skipping optimizer_step then leaves the weights as they
+    were, and the next step trains normally."""
+    from worker_common import loss_fn, micro_batches
+
+    engine = build_engine(tiny_var(), parallel_cfg(**parallel_overrides), optim_cfg(info.world_size), info.device)
+    train_step(engine, 0, info.rank, info.world_size, 1)
+    before = engine.full_state_dict()
+    labels, teacher_input, targets = micro_batches(1, info.rank, info.world_size, 1)[0]
+    with engine.autocast():
+        logits = engine.model(labels, teacher_input)
+    engine.backward(loss_fn(logits.float(), targets) * float("nan"), sync_gradients=True)
+    norm = engine.clip_grad_norm(2.0)
+    assert not torch.isfinite(norm), f"{name}: gradient norm {norm} of a NaN loss"
+    engine.zero_grad()  # the trainer skips optimizer_step
+    assert max_difference(engine.full_state_dict(), before) == 0.0, f"{name}: a skipped step changed the weights"
+    loss = train_step(engine, 2, info.rank, info.world_size, 1)
+    assert loss == loss and max_difference(engine.full_state_dict(), before) > 0, f"{name}: no recovery"
+    log(info.rank, f"OK {name}: a non-finite step is skipped and training goes on")
+
+
 def single_process() -> None:
     """A plain `python` run without any launcher: a world of one, every engine still works."""
     import os
@@ -110,13 +131,16 @@ def main(which: str) -> None:
         check_fsdp2_sharding(info, engine, (Replicate(), Shard(0)))
         check_loss_falls(info, "fsdp2 bf16", precision="bf16")
         check_wrapping_order(info)
+        check_nonfinite_step_is_skipped(info, "fsdp2")
     if which in ("all", "ddp"):
         check_matches_reference(info, "ddp fp32, accumulation 2", 2, engine="ddp")
         check_loss_falls(info, "ddp bf16", engine="ddp", precision="bf16")
+        check_nonfinite_step_is_skipped(info, "ddp", engine="ddp")
     if which in ("all", "deepspeed"):
         check_matches_reference(info, "deepspeed zero 2 fp32, accumulation 2", 2, engine="deepspeed", zero_stage=2)
         check_matches_reference(info, "deepspeed zero 3 fp32", 1, engine="deepspeed", zero_stage=3)
         check_loss_falls(info, "deepspeed zero 2 bf16", engine="deepspeed", zero_stage=2, precision="bf16")
+        check_nonfinite_step_is_skipped(info, "deepspeed zero 2", engine="deepspeed", zero_stage=2)
     destroy_distributed()
 
 

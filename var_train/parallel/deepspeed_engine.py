@@ -103,9 +103,14 @@ class DeepSpeedEngine(Engine):
         self._take_step()
 
     def zero_grad(self) -> None:
-        # A boundary without a step (the trainer skipped it) must still reach DeepSpeed's step,
-        # which clears the reduced gradient partitions; a non-finite norm makes it skip the update.
-        self._take_step()
+        if self._step_pending:
+            # A boundary without a step (the trainer skipped it) must still reach DeepSpeed's
+            # step, which clears the reduced gradient partitions; a non-finite norm makes it
+            # skip the update itself.
+            self._take_step()
+        else:
+            # Drop gradients of micro-batches whose step was abandoned before its boundary.
+            self.ds.optimizer.zero_grad(set_to_none=True)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         import deepspeed

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from var_train.parallel.engine import CHECKPOINT_FORMAT_DEEPSPEED
+
 CHECKPOINTS_DIR = "checkpoints"
 STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -158,8 +160,8 @@ def _model_config(engine) -> dict:
 
 # -- the checkpointer ------------------------------------------------------------------------------------
 class Checkpointer:
-    """Saves and restores training state under `<run_dir>/checkpoints/`. Every method is collective:
-    all ranks call it in the same order."""
+    """Saves and restores training state under `<run_dir>/checkpoints/`. Construct it and call every
+    method on all ranks, in the same order: they are collective."""
 
     def __init__(self, checkpoint_cfg, run_dir: str | Path):
         self.cfg = checkpoint_cfg
@@ -186,7 +188,7 @@ class Checkpointer:
         _barrier()
 
         future = None
-        if engine.checkpoint_format == "deepspeed":
+        if engine.checkpoint_format == CHECKPOINT_FORMAT_DEEPSPEED:
             engine.save_deepspeed_checkpoint(str(tmp / DEEPSPEED_DIR), DEEPSPEED_TAG)
         else:
             import torch.distributed.checkpoint as dcp
@@ -274,7 +276,7 @@ class Checkpointer:
         if metadata["checkpoint_format"] != engine.checkpoint_format:
             raise ValueError(f"{checkpoint} was written by the {metadata['engine']} engine; the "
                              f"{engine.name} engine cannot resume it (export it and use model.init_from)")
-        if engine.checkpoint_format == "deepspeed":
+        if engine.checkpoint_format == CHECKPOINT_FORMAT_DEEPSPEED:
             if metadata["world_size"] != self.world_size:
                 raise ValueError(f"{checkpoint} holds DeepSpeed ZeRO partitions of {metadata['world_size']} ranks; "
                                  f"resume it on {metadata['world_size']} ranks, not {self.world_size}")
@@ -307,7 +309,7 @@ def consolidated_state_dict(checkpoint: str | Path) -> tuple[dict[str, torch.Ten
     metadata = read_metadata(checkpoint)
     config = metadata["model_config"]
     model = VAR(**config)
-    if metadata["checkpoint_format"] == "deepspeed":
+    if metadata["checkpoint_format"] == CHECKPOINT_FORMAT_DEEPSPEED:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed narrates every shard

@@ -12,6 +12,8 @@ One optimizer step over `grad_accumulation_steps` micro-batches:
     engine.zero_grad()
 
 `backward` does not rescale the loss: the trainer divides by the accumulation count itself.
+DeepSpeed computes the norm inside its own step, so its engine steps in `clip_grad_norm` (hence
+the learning rate first) and skips non-finite steps itself.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class Engine(ABC):
     # "dcp": model/optimizer state through torch.distributed.checkpoint (fsdp2, ddp);
     # "deepspeed": DeepSpeed's own save_checkpoint/load_checkpoint.
     checkpoint_format: ClassVar[str] = CHECKPOINT_FORMAT_DCP
+    # bf16 forward under torch.autocast (False where the engine's library does it itself).
+    uses_autocast: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, unwrapped_model: nn.Module, optimizer: torch.optim.Optimizer,
                  device: torch.device, precision: str, grad_accumulation_steps: int):
@@ -49,8 +53,6 @@ class Engine(ABC):
         if self.precision == "bf16" and self.uses_autocast:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
-
-    uses_autocast: ClassVar[bool] = True
 
     @abstractmethod
     def backward(self, loss: torch.Tensor, sync_gradients: bool) -> None:

@@ -86,9 +86,9 @@ def run_case(name: str, vae: VQVAE, resolution: int, count: int, ext: str, batch
             record_bytes = _bytes_per_record(folder)
             input_bytes = np.mean([p.stat().st_size for p in inputs])
             print(f"{name}{' --flip' if flip else ''}: {summary.num_records} images in {summary.seconds:.1f} s "
-                  f"= {summary.images_per_second:.1f} images/s (whole command, {workers} decode workers); "
+                  f"= {summary.images_per_second:.3g} images/s (whole command, {workers} decode workers); "
                   f"{record_bytes:.0f} bytes/record in the shards vs {input_bytes:.0f} bytes per input {ext}")
-        print(f"{name}: encoder alone {encoder_rate(vae, resolution, batch_size, device):.1f} images/s "
+        print(f"{name}: encoder alone {encoder_rate(vae, resolution, batch_size, device):.3g} images/s "
               f"(batch {batch_size}, fp32, {device})")
 
 

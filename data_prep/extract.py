@@ -239,6 +239,9 @@ def extract_tokens(config: ExtractConfig) -> ExtractionSummary:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     patch_nums = tuple(int(p) for p in config.patch_nums)
+    for name in ("shard_size", "batch_size", "crops"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
     if config.resolution != 16 * patch_nums[-1]:
         raise ValueError(f"--resolution {config.resolution} does not match --patch-nums {patch_nums}: the VQVAE "
                          f"downsamples 16x, so the last scale needs resolution {16 * patch_nums[-1]}")
@@ -247,9 +250,11 @@ def extract_tokens(config: ExtractConfig) -> ExtractionSummary:
 
     sources: SourceList = list_sources(config.source, config.input_format, config.num_classes)
     items = sources.items
+    if not items:
+        raise ValueError(f"no images found in {config.source} ({len(sources.skipped)} other files skipped)")
     if config.shuffle:
         items = [items[i] for i in np.random.default_rng(config.seed).permutation(len(items))]
-    num_shards = max(1, -(-len(items) // config.shard_size))
+    num_shards = -(-len(items) // config.shard_size)
     vae_sha256 = file_sha256(config.vae)
     transform = ReferenceTransform(config.resolution, config.crops, config.seed)
     settings = {"source": sources.description, "num_inputs": len(items), "inputs_sha256": _chunk_hash(items),

@@ -1,6 +1,6 @@
 """torchrun worker: read one epoch of token shards on this rank (2 DataLoader workers), write what it saw.
 
-Usage: loader_worker.py SHARDS_DIR OUT_JSON_PREFIX
+Usage: loader_worker.py SHARDS_DIR OUT_JSON_PREFIX [SHARDS_DIR OUT_JSON_PREFIX ...]
 """
 
 import json
@@ -13,10 +13,16 @@ from var_train.data import build_token_loader
 
 
 def main() -> None:
-    shards_dir, prefix = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     assert world_size == int(os.environ["WORLD_SIZE"]) == 2, world_size
+    for shards_dir, prefix in zip(sys.argv[1::2], sys.argv[2::2]):
+        read_two_epochs(shards_dir, prefix, rank, world_size)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def read_two_epochs(shards_dir: str, prefix: str, rank: int, world_size: int) -> None:
     loader = build_token_loader(shards_dir, batch_size=4, patch_nums=(1, 2, 3), vocab_size=4096, num_classes=10,
                                 rank=rank, world_size=world_size, num_workers=2, seed=3, shuffle_buffer=16)
     seen = []
@@ -27,8 +33,6 @@ def main() -> None:
         seen.append(indices)
     with open(f"{prefix}-rank{rank}.json", "w") as f:
         json.dump({"batches_per_epoch": loader.batches_per_epoch, "epochs": seen}, f)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

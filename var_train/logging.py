@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
@@ -50,7 +51,7 @@ class MetricLogger:
         import wandb
 
         if self.run_id is None:
-            self.run_id = wandb.util.generate_id()
+            self.run_id = uuid.uuid4().hex[:8]  # known before init, so the checkpoint can carry it
         os.environ.setdefault("WANDB_SILENT", "true")
         self._wandb_run = wandb.init(
             project=self.cfg.wandb_project, entity=self.cfg.wandb_entity, name=self.cfg.wandb_run_name,

@@ -171,3 +171,13 @@ def test_resume_with_another_batch_size_keeps_the_samples_seen(tmp_path):
     loader.load_state_dict({"epoch": 2, "batches_consumed": 5, "world_size": 1, "batch_size": 4, "num_workers": 0})
     assert (loader.epoch, loader.batches_consumed, len(loader)) == (2, 2, 4)
     assert len(list(loader)) == 4 and loader.epoch == 3
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_iterating_leaves_the_global_torch_rng_alone(tmp_path, num_workers):
+    make(tmp_path, num_records=16, shard_size=4)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    list(loader_for(tmp_path, num_workers=num_workers))
+    assert torch.equal(torch.rand(3), expected)

@@ -271,9 +271,13 @@ class TokenLoader:
 
     def __iter__(self) -> Iterator[TokenBatch]:
         if self.batches_consumed < self.batches_per_epoch:
+            # Our own generator for the DataLoader's base seed: iterating never draws from (and so never
+            # shifts) the global torch RNG that the training step's dropout and sampling use.
+            generator = torch.Generator().manual_seed(int(np.random.SeedSequence(
+                _seed_words(self.seed, self.epoch, self.rank)).generate_state(1)[0]))
             loader = wds.WebLoader(self._epoch_stream(), batch_size=None, shuffle=False,
                                    num_workers=self.num_workers, persistent_workers=False,
-                                   prefetch_factor=4 if self.num_workers else None)
+                                   prefetch_factor=4 if self.num_workers else None, generator=generator)
             for tokens, labels in loader:
                 tokens = torch.from_numpy(tokens.numpy().astype(np.int64))  # numpy widens ~10x faster than torch
                 if self.pin_memory:

@@ -133,12 +133,14 @@ def main(which: str) -> None:
         check_wrapping_order(info)
         check_nonfinite_step_is_skipped(info, "fsdp2")
     if which in ("all", "ddp"):
-        check_matches_reference(info, "ddp fp32, accumulation 2", 2, engine="ddp")
+        check_matches_reference(info, "ddp fp32, accumulation 2, activation checkpointing", 2, engine="ddp",
+                                activation_checkpointing=True)
         check_loss_falls(info, "ddp bf16", engine="ddp", precision="bf16")
         check_nonfinite_step_is_skipped(info, "ddp", engine="ddp")
     if which in ("all", "deepspeed"):
         check_matches_reference(info, "deepspeed zero 2 fp32, accumulation 2", 2, engine="deepspeed", zero_stage=2)
-        check_matches_reference(info, "deepspeed zero 3 fp32", 1, engine="deepspeed", zero_stage=3)
+        check_matches_reference(info, "deepspeed zero 3 fp32, activation checkpointing", 1, engine="deepspeed",
+                                zero_stage=3, activation_checkpointing=True)
         check_loss_falls(info, "deepspeed zero 2 bf16", engine="deepspeed", zero_stage=2, precision="bf16")
         check_nonfinite_step_is_skipped(info, "deepspeed zero 2", engine="deepspeed", zero_stage=2)
     destroy_distributed()

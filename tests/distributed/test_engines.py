@@ -20,8 +20,8 @@ def test_every_engine_trains_like_a_single_process():
     for check in ("OK fsdp2 fp32:", "OK fsdp2 placements (Shard(dim=0),): 96 of 192 rows per rank",
                   "OK fsdp2 fp32, accumulation 2, activation checkpointing, no reshard:",
                   "OK fsdp2 HSDP replicate_degree=2:", "OK fsdp2 placements (Replicate(), Shard(dim=0))",
-                  "OK fsdp2 bf16:", "OK fsdp2 wrapping order", "OK ddp fp32, accumulation 2:", "OK ddp bf16:",
-                  "OK deepspeed zero 2 fp32, accumulation 2:", "OK deepspeed zero 3 fp32:",
+                  "OK fsdp2 bf16:", "OK fsdp2 wrapping order", "OK ddp fp32, accumulation 2, activation checkpointing:", "OK ddp bf16:",
+                  "OK deepspeed zero 2 fp32, accumulation 2:", "OK deepspeed zero 3 fp32, activation checkpointing:",
                   "OK deepspeed zero 2 bf16:", "OK fsdp2: a non-finite step is skipped",
                   "OK ddp: a non-finite step is skipped", "OK deepspeed zero 2: a non-finite step is skipped"):
         assert check in output, f"missing check {check!r} in:\n{output}"

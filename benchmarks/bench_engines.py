@@ -110,8 +110,9 @@ def main() -> int:
     info = init_distributed()
     results = [bench_engine(name, args, info) for name in args.engines.split(",")]
     if info.rank == 0:
+        tokens = sum(int(p) ** 2 for p in args.patch_nums.split(","))
         print(f"machine: {machine()}, {info.world_size} processes ({info.backend}); VAR depth {args.depth}, "
-              f"width {args.embed_dim}, {results[0]['params'] / 1e6:.1f}M params, L={sum(int(p) ** 2 for p in args.patch_nums.split(','))}, "
+              f"width {args.embed_dim}, {results[0]['params'] / 1e6:.1f}M params, L={tokens}, "
               f"micro-batch {args.micro_batch}/rank, {args.precision}")
         for r in results:
             label = f"deepspeed zero{args.zero_stage}" if r["engine"] == "deepspeed" else r["engine"]

@@ -170,7 +170,8 @@ class Checkpointer:
         self._pending: tuple[Any, Path, Path, dict] | None = None
         # Background writes talk over their own gloo group so they never interleave with the
         # training collectives of the default group.
-        self._async_group = dist.new_group(backend="gloo") if checkpoint_cfg.async_save and dist.is_initialized() else None
+        use_async_group = checkpoint_cfg.async_save and dist.is_initialized()
+        self._async_group = dist.new_group(backend="gloo") if use_async_group else None
 
     # -- saving ------------------------------------------------------------------------------------------
     def save(self, step: int, engine, trainer_state: dict, blocking: bool = False) -> Path:

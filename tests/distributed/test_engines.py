@@ -20,7 +20,8 @@ def test_every_engine_trains_like_a_single_process():
     for check in ("OK fsdp2 fp32:", "OK fsdp2 placements (Shard(dim=0),): 96 of 192 rows per rank",
                   "OK fsdp2 fp32, accumulation 2, activation checkpointing, no reshard:",
                   "OK fsdp2 HSDP replicate_degree=2:", "OK fsdp2 placements (Replicate(), Shard(dim=0))",
-                  "OK fsdp2 bf16:", "OK fsdp2 wrapping order", "OK ddp fp32, accumulation 2, activation checkpointing:", "OK ddp bf16:",
+                  "OK fsdp2 bf16:", "OK fsdp2 wrapping order",
+                  "OK ddp fp32, accumulation 2, activation checkpointing:", "OK ddp bf16:",
                   "OK deepspeed zero 2 fp32, accumulation 2:", "OK deepspeed zero 3 fp32, activation checkpointing:",
                   "OK deepspeed zero 2 bf16:", "OK fsdp2: a non-finite step is skipped",
                   "OK ddp: a non-finite step is skipped", "OK deepspeed zero 2: a non-finite step is skipped"):
@@ -37,7 +38,8 @@ def test_every_engine_runs_in_a_plain_single_process():
     launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")
     env = {k: v for k, v in os.environ.items() if k not in launcher}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
-    proc = subprocess.run([sys.executable, str(WORKER), "single"], env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run([sys.executable, str(WORKER), "single"], env=env, capture_output=True, text=True,
+                          timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for engine in ("fsdp2", "ddp", "deepspeed"):
         assert f"OK {engine} in a plain single process" in proc.stdout, proc.stdout
@@ -55,7 +57,8 @@ def test_no_weight_decay_on_vectors_biases_positions_levels_and_temperatures():
     assert {"pos_start", "pos_1LC", "lvl_embed.weight", "blocks.0.attn.scale_mul_1H11", "blocks.0.attn.q_bias",
             "blocks.0.attn.v_bias", "blocks.1.ffn.fc1.bias", "head.bias", "word_embed.bias"} <= kept
     assert {"class_emb.weight", "word_embed.weight", "blocks.0.attn.mat_qkv.weight", "blocks.0.attn.proj.weight",
-            "blocks.0.ffn.fc2.weight", "blocks.0.ada_lin.1.weight", "head.weight", "head_nm.ada_lin.1.weight"} <= decayed
+            "blocks.0.ffn.fc2.weight", "blocks.0.ada_lin.1.weight", "head.weight",
+            "head_nm.ada_lin.1.weight"} <= decayed
     assert decayed.isdisjoint(kept) and len(decayed) + len(kept) == len(names)
 
 
@@ -70,9 +73,11 @@ def test_launcher_ranks_from_torchrun_then_slurm(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
         monkeypatch.delenv(name, raising=False)
     assert launcher_ranks() == (0, 1, 0)
-    monkeypatch.setenv("SLURM_PROCID", "5"), monkeypatch.setenv("SLURM_NTASKS", "8"), monkeypatch.setenv("SLURM_LOCALID", "1")
+    for name, value in (("SLURM_PROCID", "5"), ("SLURM_NTASKS", "8"), ("SLURM_LOCALID", "1")):
+        monkeypatch.setenv(name, value)
     assert launcher_ranks() == (5, 8, 1)
-    monkeypatch.setenv("RANK", "3"), monkeypatch.setenv("WORLD_SIZE", "4"), monkeypatch.setenv("LOCAL_RANK", "3")
+    for name, value in (("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "3")):
+        monkeypatch.setenv(name, value)
     assert launcher_ranks() == (3, 4, 3)  # torchrun inside an allocation wins
 
 

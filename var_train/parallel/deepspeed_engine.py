@@ -27,7 +27,8 @@ _NEVER = 1 << 30
 
 def deepspeed_config(parallel_cfg, optim_cfg, world_size: int, grad_accumulation_steps: int) -> dict:
     if parallel_cfg.zero_stage not in (1, 2, 3):
-        raise ValueError(f"parallel.zero_stage must be 1, 2 or 3 for the deepspeed engine, got {parallel_cfg.zero_stage}")
+        raise ValueError(f"parallel.zero_stage must be 1, 2 or 3 for the deepspeed engine, "
+                         f"got {parallel_cfg.zero_stage}")
     if parallel_cfg.precision not in ("bf16", "fp32"):
         raise ValueError(f"parallel.precision must be 'bf16' or 'fp32', got {parallel_cfg.precision!r}")
     micro = optim_cfg.micro_batch_size

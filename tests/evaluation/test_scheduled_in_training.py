@@ -8,6 +8,7 @@ from tests.conftest import run_torchrun
 from tests.evaluation.helpers import seeded_classifier
 from tests.training.learnable_shards import make_learnable_shards, make_tiny_vae
 from var_train.evaluation.reference_stats import compute_fid_stats
+from var_train.evaluation.standalone import EvalSettings, evaluate_checkpoint
 
 
 def test_two_rank_training_logs_scheduled_evaluation(tmp_path):
@@ -35,3 +36,10 @@ def test_two_rank_training_logs_scheduled_evaluation(tmp_path):
         assert row["eval/num_samples"] == 11 and row["eval/eval_seconds"] > 0
         assert 0 <= row["eval/precision"] <= 1 and 0 <= row["eval/recall"] <= 1
     assert evals[2]["eval/fid"] != pytest.approx(evals[4]["eval/fid"])  # the model moved between evaluations
+
+    # `var-train eval` takes the run directory itself (its newest checkpoint, consolidated)
+    report = evaluate_checkpoint(run_dir, vae, tmp_path / "eval", tmp_path / "stats.npz",
+                                 EvalSettings(per_class=1, batch_size=5, top_k=0, top_p=0.0,
+                                              feature_extractor=str(classifier)), device="cpu", progress=False)
+    assert report["num_samples"] == 10 and report["generated_now"] == 10
+    assert 0 <= report["precision"] <= 1 and report["fid"] == report["fid"]

@@ -158,8 +158,6 @@ def build_feature_extractor(spec: str = "inception", *, inception_weights: str |
     cache) or the path of a classifier checkpoint written by `train_classifier`."""
     if spec == "inception":
         extractor: FeatureExtractor = InceptionFeatureExtractor(inception_weights)
-    elif spec == "inception-untrained":
-        extractor = InceptionFeatureExtractor(random_init=True)
     else:
         from .classifier import ClassifierFeatureExtractor
 

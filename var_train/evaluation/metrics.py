@@ -65,8 +65,10 @@ class OrderedInceptionScore(InceptionScore):
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         logits, indices = dim_zero_cat(self.features), dim_zero_cat(self.sample_indices)
         self.features = [logits[indices.argsort()]]
+        # torchmetrics permutes with the global CPU generator: seed it inside a fork, so the
+        # split is reproducible and the training run's random state is left untouched.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
+            torch.default_generator.manual_seed(self.seed)
             return super().compute()
 
 

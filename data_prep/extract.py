@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import var_train
-from var_train.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, write_json_atomic, write_manifest
+from var_train.data.manifest import Manifest, ShardInfo, write_json_atomic, write_manifest
 from var_train.data.records import MAX_VOCAB_SIZE, TOKEN_DTYPE, TokenRecord
 
 from .image_sources import SourceItem, SourceList, list_sources
@@ -230,6 +230,77 @@ class _ShardAccumulator:
         return len(self.records)
 
 
+def _pending_shards(out: Path, items: list[SourceItem], rank: int, world_size: int, shard_size: int,
+                    num_shards: int) -> list[int]:
+    """This rank's shards (i % world_size == rank) without a valid done marker."""
+    todo = []
+    for index in range(rank, num_shards, world_size):
+        chunk = items[index * shard_size:(index + 1) * shard_size]
+        sidecar = _read_sidecar(out, index)
+        if sidecar is None:
+            todo.append(index)
+        elif sidecar.get("inputs_sha256") != _chunk_hash(chunk):
+            raise ValueError(f"{out / shard_name(index)} was made from other inputs than now; use a new --out")
+    return todo
+
+
+def _records_from_tokens(good: list[tuple[int, str]], tokens: np.ndarray, items: list[SourceItem], crops: int,
+                         flip: bool) -> list[TokenRecord]:
+    """Encoder output rows [originals (image-major, crop-minor); flipped, same order] -> one record per image."""
+    count = len(good)
+    originals = tokens[:count * crops].reshape(count, crops, -1)
+    flipped = tokens[count * crops:].reshape(count, crops, -1) if flip else None
+
+    def stored(rows: np.ndarray) -> np.ndarray:
+        return rows[0] if crops == 1 else rows   # (L,) for one crop, (crops, L) otherwise
+
+    return [TokenRecord(key=items[index].key, label=items[index].label, tokens=stored(originals[row]),
+                        tokens_flip=None if flipped is None else stored(flipped[row]))
+            for row, (index, _) in enumerate(good)]
+
+
+def _extract_shards(todo: list[int], items: list[SourceItem], out: Path, vae, transform: ReferenceTransform,
+                    device: torch.device, config: ExtractConfig, rank: int, world_size: int) -> tuple[int, int]:
+    """Decode (DataLoader workers), encode and write the shards `todo`; -> (records written, inputs skipped)."""
+    if not todo:
+        return 0, 0
+    size = config.shard_size
+    loader = DataLoader(_ImageItems(items, transform, config.min_size),
+                        batch_sampler=_shard_batches(todo, size, len(items), config.batch_size),
+                        num_workers=config.num_workers, collate_fn=_keep_list,
+                        pin_memory=device.type == "cuda", prefetch_factor=4 if config.num_workers else None)
+    shards = {index: _ShardAccumulator(out, index, items[index * size:(index + 1) * size]) for index in todo}
+    bar = tqdm(total=sum(len(s.items) for s in shards.values()), unit="img", dynamic_ncols=True,
+               desc=f"extract rank {rank}" if world_size > 1 else "extract",
+               disable=not config.progress or rank != 0)
+    records = skipped = 0
+    for batch in loader:
+        shard = shards[batch[0][0] // size]  # batches never cross shards
+        good = []
+        for index, images, mode, reason in batch:
+            if reason is not None:
+                shard.skipped.append({"source": items[index].origin, "reason": reason})
+            else:
+                good.append((index, mode))
+                if mode != "RGB":
+                    shard.converted[mode] += 1
+        if good:
+            images = torch.cat([images for _, images, _, reason in batch if reason is None])
+            if config.flip:
+                images = torch.cat([images, images.flip(-1)])
+            shard.records += _records_from_tokens(good, _encode(vae, images, device), items, config.crops, config.flip)
+        shard.pending -= len(batch)
+        skipped += len(batch) - len(good)
+        bar.update(len(batch))
+        if shard.pending == 0:
+            records += shard.finish()
+            del shards[shard.index]
+    bar.close()
+    if shards:
+        raise RuntimeError(f"shards {sorted(shards)} did not receive all their images (internal error)")
+    return records, skipped
+
+
 def extract_tokens(config: ExtractConfig) -> ExtractionSummary:
     """Run (or resume) an extraction on this process's share of the shards; see the module doc."""
     from var_train.models.checkpoint_io import load_vae
@@ -260,8 +331,7 @@ def extract_tokens(config: ExtractConfig) -> ExtractionSummary:
     settings = {"source": sources.description, "num_inputs": len(items), "inputs_sha256": _chunk_hash(items),
                 "vae_sha256": vae_sha256, "resolution": config.resolution, "patch_nums": list(patch_nums),
                 "flip": config.flip, "crops": config.crops, "seed": config.seed, "shuffle": config.shuffle,
-                "shard_size": config.shard_size,
-                "min_size": config.min_size}
+                "shard_size": config.shard_size, "min_size": config.min_size}
     _check_or_write_run_config(out, settings, rank)
 
     device = _pick_device(config.device, local_rank)
@@ -272,59 +342,10 @@ def extract_tokens(config: ExtractConfig) -> ExtractionSummary:
     if vocab_size > MAX_VOCAB_SIZE:
         raise ValueError(f"vocab_size {vocab_size} does not fit the uint16 token records (max {MAX_VOCAB_SIZE})")
 
-    mine = [i for i in range(rank, num_shards, world_size)]
-    todo = []
-    for index in mine:
-        chunk = items[index * config.shard_size:(index + 1) * config.shard_size]
-        sidecar = _read_sidecar(out, index)
-        if sidecar is not None and sidecar.get("inputs_sha256") != _chunk_hash(chunk):
-            raise ValueError(f"{out / shard_name(index)} was made from other inputs than now; use a new --out")
-        if sidecar is None:
-            todo.append(index)
+    todo = _pending_shards(out, items, rank, world_size, config.shard_size, num_shards)
     if config.max_shards is not None:
         todo = todo[:config.max_shards]
-
-    records_now = skipped_now = 0
-    if todo:
-        loader = DataLoader(_ImageItems(items, transform, config.min_size),
-                            batch_sampler=_shard_batches(todo, config.shard_size, len(items), config.batch_size),
-                            num_workers=config.num_workers, collate_fn=_keep_list,
-                            pin_memory=device.type == "cuda", prefetch_factor=4 if config.num_workers else None)
-        shards = {index: _ShardAccumulator(out, index, items[index * config.shard_size:(index + 1) * config.shard_size])
-                  for index in todo}
-        total_images = sum(len(s.items) for s in shards.values())
-        bar = tqdm(total=total_images, unit="img", desc=f"extract rank {rank}" if world_size > 1 else "extract",
-                   disable=not config.progress or rank != 0, dynamic_ncols=True)
-        for batch in loader:
-            shard = shards[batch[0][0] // config.shard_size]
-            good = [(index, images, mode) for index, images, mode, reason in batch if reason is None]
-            for index, _, _, reason in batch:
-                if reason is not None:
-                    shard.skipped.append({"source": items[index].origin, "reason": reason})
-            if good:
-                images = torch.cat([g[1] for g in good])
-                if config.flip:
-                    images = torch.cat([images, images.flip(-1)])
-                tokens = _encode(vae, images, device)
-                per_image = config.crops
-                originals = tokens[:len(good) * per_image].reshape(len(good), per_image, -1)
-                flipped = tokens[len(good) * per_image:].reshape(len(good), per_image, -1) if config.flip else None
-                for row, (index, _, mode) in enumerate(good):
-                    if mode != "RGB":
-                        shard.converted[mode] += 1
-                    shape = originals[row][0] if per_image == 1 else originals[row]
-                    shard.records.append(TokenRecord(
-                        key=items[index].key, label=items[index].label, tokens=shape,
-                        tokens_flip=None if flipped is None else (flipped[row][0] if per_image == 1 else flipped[row])))
-            shard.pending -= len(batch)
-            skipped_now += len(batch) - len(good)
-            bar.update(len(batch))
-            if shard.pending == 0:
-                records_now += shard.finish()
-                del shards[shard.index]
-        bar.close()
-        if shards:
-            raise RuntimeError(f"shards {sorted(shards)} did not receive all their images (internal error)")
+    records_now, skipped_now = _extract_shards(todo, items, out, vae, transform, device, config, rank, world_size)
 
     _barrier()
     complete = all(_read_sidecar(out, i) is not None for i in range(num_shards))

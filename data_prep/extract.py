@@ -6,8 +6,8 @@ into fixed chunks of `shard_size` items, chunk i -> `shard-{i:06d}.tar`; rank r 
 encoded in batches that never cross a chunk, so the tokens of a shard do not depend on the number
 of ranks (a 2-rank run writes the same bytes as a 1-rank run).
 
-Crash safety and resume: a shard is written to `shard-XXXXXX.tar.tmp` and renamed; then its
-sidecar `shard-XXXXXX.json` (record count, skipped inputs, a hash of its input chunk) is written
+Crash safety and resume: a shard is written to `shard-NNNNNN.tar.tmp` and renamed; then its
+sidecar `shard-NNNNNN.json` (record count, skipped inputs, a hash of its input chunk) is written
 the same way and marks the shard done. A restart skips done shards and redoes anything else.
 `extract_config.json` pins the settings of a shard directory so a restart with other settings
 fails instead of mixing shards. When every shard is done, rank 0 writes `report.json` (every

@@ -38,9 +38,6 @@ class _AccumulatingDDP(nn.Module):
         engine.forward_armed_sync = True
         return self.ddp(*args, **kwargs)
 
-    def state_dict(self, *args, **kwargs):  # keys without wrapper prefixes
-        return self.ddp.module.state_dict(*args, **kwargs)
-
 
 class DDPEngine(Engine):
     name = "ddp"

@@ -81,8 +81,10 @@ def test_inception_score_does_not_depend_on_update_order():
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(9))
     for chunk in order.split(13):
         metrics.update(images[chunk], chunk)
+    global_rng = torch.random.get_rng_state()
     # equal up to float32 rounding of the batched features (a different split would move it by %)
     assert metrics.compute()["inception_score"] == pytest.approx(in_order["inception_score"], rel=1e-6)
+    assert torch.equal(torch.random.get_rng_state(), global_rng)  # a training run's RNG is left alone
 
 
 def test_precision_recall_identical_sets_and_far_apart_sets():

@@ -148,10 +148,18 @@ def reshard(info, out_dir: Path) -> None:
     assert any(k.endswith("exp_avg") and v.abs().sum() > 0 for k, v in moments.items()), "optimizer moments are empty"
     train_step(engine, SAVE_AT, 0, 1, 1)  # and training goes on, on one rank
     # DCP state has the same names and global shapes under every DCP engine: DDP reads it too.
+    # (and `checkpoint.resume` may name another run's checkpoint)
     ddp = build(info, "ddp", seed=6)
-    Checkpointer(checkpoint_cfg(), out_dir / "fsdp2").load_latest(ddp)
+    Checkpointer(checkpoint_cfg(resume=str(out_dir / "fsdp2")), out_dir / "new-run").load_latest(ddp)
     gap = max_difference(ddp.full_state_dict(), expected)
     assert gap == 0.0, f"the fsdp2 checkpoint loads into ddp with a parameter difference of {gap}"
+    # DeepSpeed's ZeRO partitions are tied to their world size: a clear error, not a bad load.
+    try:
+        Checkpointer(checkpoint_cfg(), out_dir / "deepspeed").load_latest(build(info, "deepspeed"))
+    except ValueError as error:
+        assert "resume it on 2 ranks, not 1" in str(error), error
+    else:
+        raise AssertionError("a 2-rank DeepSpeed checkpoint loaded on 1 rank")
     log(0, "OK a 2-rank fsdp2 checkpoint loads on 1 rank with identical parameters (fsdp2 and ddp)")
 
 

@@ -82,6 +82,8 @@ class ExtractionSummary:
     records_written_now: int
     skipped_now: int
     seconds: float
+    rank: int = 0
+    world_size: int = 1
     num_records: int | None = None           # whole dataset, when complete
     skipped_reasons: dict = field(default_factory=dict)
 
@@ -351,7 +353,7 @@ def extract_tokens(config: ExtractConfig) -> ExtractionSummary:
     complete = all(_read_sidecar(out, i) is not None for i in range(num_shards))
     summary = ExtractionSummary(out=out, complete=complete, num_shards=num_shards, shards_done_now=len(todo),
                                 records_written_now=records_now, skipped_now=skipped_now,
-                                seconds=time.time() - started)
+                                seconds=time.time() - started, rank=rank, world_size=world_size)
     if complete:
         manifest = _finalize(out, num_shards, sources, config, patch_nums, vocab_size, vae_sha256, transform,
                              write=rank == 0)

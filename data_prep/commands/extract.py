@@ -71,17 +71,20 @@ def run(args: argparse.Namespace) -> int:
 
     config = ExtractConfig(
         source=args.source, vae=args.vae, out=args.out, resolution=args.resolution, patch_nums=args.patch_nums,
-        flip=args.flip, crops=args.crops, seed=args.seed, shuffle=not args.no_shuffle, shard_size=args.shard_size, batch_size=args.batch_size,
+        flip=args.flip, crops=args.crops, seed=args.seed, shuffle=not args.no_shuffle, shard_size=args.shard_size,
+        batch_size=args.batch_size,
         num_workers=args.num_workers, min_size=args.min_size, input_format=args.input_format,
         num_classes=args.num_classes, device=args.device, max_shards=args.max_shards, progress=not args.no_progress,
     )
     summary = extract_tokens(config)
-    rate = f"{summary.images_per_second:.1f} images/s"
-    print(f"this process: {summary.shards_done_now} shard(s), {summary.records_written_now} records, "
-          f"{summary.skipped_now} skipped, {summary.seconds:.1f} s ({rate})")
+    who = f"rank {summary.rank}/{summary.world_size}" if summary.world_size > 1 else "this run"
+    print(f"{who}: {summary.shards_done_now} shard(s), {summary.records_written_now} records, "
+          f"{summary.skipped_now} skipped, {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s)")
+    if summary.rank != 0:
+        return 0
     if summary.complete:
         print(f"complete: {summary.num_records} records in {summary.num_shards} shards at {summary.out}; "
               f"skipped: {summary.skipped_reasons or 'none'} (details in report.json)")
-        return 0
-    print(f"not complete yet: run the same command again to extract the remaining shards of {summary.num_shards}")
+    else:
+        print(f"not complete yet: run the same command again to extract the remaining shards of {summary.num_shards}")
     return 0

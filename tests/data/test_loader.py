@@ -154,7 +154,10 @@ def test_pin_memory_and_to(tmp_path):
     batch = next(iter(loader_for(tmp_path, pin_memory=True)))  # pinned only where CUDA exists
     moved = batch.to("cpu")
     assert torch.equal(torch.cat(moved.tokens_per_scale, 1), torch.cat(batch.tokens_per_scale, 1))
-    assert len(moved) == 4
+    assert torch.equal(moved.tokens, torch.cat(batch.tokens_per_scale, 1))
+    assert [t.shape for t in moved.tokens_per_scale] == [(4, 1), (4, 4), (4, 9)] and len(moved) == 4
+    plain = type(batch)(batch.tokens_per_scale, batch.labels).to("cpu")
+    assert torch.equal(torch.cat(plain.tokens_per_scale, 1), moved.tokens)
 
 
 def test_out_of_range_label_is_reported(tmp_path):

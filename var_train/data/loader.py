@@ -43,12 +43,17 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TokenBatch:
-    tokens_per_scale: list[torch.Tensor]   # K x (B, pn * pn) int64
+    tokens_per_scale: list[torch.Tensor]   # K x (B, pn * pn) int64 (views into `tokens` when it is set)
     labels: torch.Tensor                   # (B,) int64
+    tokens: torch.Tensor | None = None     # (B, L) all scales, so `.to` makes one (pinned) copy, not K
 
     def to(self, device, non_blocking: bool = True) -> "TokenBatch":
-        return TokenBatch([t.to(device, non_blocking=non_blocking) for t in self.tokens_per_scale],
-                          self.labels.to(device, non_blocking=non_blocking))
+        labels = self.labels.to(device, non_blocking=non_blocking)
+        if self.tokens is None:
+            return TokenBatch([t.to(device, non_blocking=non_blocking) for t in self.tokens_per_scale], labels)
+        tokens = self.tokens.to(device, non_blocking=non_blocking)
+        sizes = [t.shape[1] for t in self.tokens_per_scale]
+        return TokenBatch(list(torch.split(tokens, sizes, dim=1)), labels, tokens)
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -284,7 +289,7 @@ class TokenLoader:
                     tokens, labels = tokens.pin_memory(), labels.pin_memory()
                 # Counted before it is handed out: a checkpoint taken after using this batch resumes after it.
                 self.batches_consumed += 1
-                yield TokenBatch(list(torch.split(tokens, self.split_sizes, dim=1)), labels)
+                yield TokenBatch(list(torch.split(tokens, self.split_sizes, dim=1)), labels, tokens)
         if self.batches_consumed != self.batches_per_epoch:
             raise RuntimeError(f"epoch {self.epoch} ended after {self.batches_consumed} of {self.batches_per_epoch} "
                                f"batches on rank {self.rank}: the shards hold fewer records than the manifest says")

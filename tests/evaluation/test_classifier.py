@@ -41,3 +41,31 @@ def test_class_accuracy_reports_only_the_classes_present(digits):
     assert result["class_accuracy"] == result["class_accuracy/3"]
     with pytest.raises(ValueError, match="20 images but 3 labels"):
         class_accuracy(extractor, images[:20], labels[:3])
+
+
+def test_metrics_on_real_digits_with_the_trained_classifier(digits):
+    """Real digits against other real digits score well; a set missing half the classes keeps its
+    precision but loses recall and Inception Score; a low-contrast set loses everything."""
+    import torch
+
+    from var_train.evaluation.metrics import GenerativeMetrics
+    from var_train.evaluation.reference_stats import statistics_from_features
+
+    summary, images, labels, _ = digits
+    extractor = ClassifierFeatureExtractor.load(summary.path)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    half_a, half_b = order[:900], order[900:]
+    reference = statistics_from_features(extractor(images[half_a]).features, extractor.name, 64)
+
+    def score(candidates):
+        metrics = GenerativeMetrics(extractor, reference, precision_recall=True)
+        metrics.update(candidates, torch.arange(len(candidates)))
+        return metrics.compute()
+
+    real = score(images[half_b])
+    first_half = score(images[half_b][labels[half_b] < 5])
+    faded = score((images[half_b].float() * 0.5 + 64).to(torch.uint8))
+    assert real["fid"] < first_half["fid"] < faded["fid"]
+    assert real["precision"] > 0.8 and real["recall"] > 0.8 and real["inception_score"] > 7
+    assert first_half["precision"] > 0.8 and first_half["recall"] < 0.6 and first_half["inception_score"] < 5.5
+    assert faded["recall"] < 0.1

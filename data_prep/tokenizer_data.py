@@ -13,27 +13,53 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
+from torchvision.transforms import functional as TF
 from torchvision.datasets import ImageFolder
 
-
-def _to_rgb(image):
-    return image.convert("RGB")  # drops alpha without compositing, as the reference does
+from .preprocess import RESIZE_RATIO, ReferenceTransform
 
 
-def _to_signed_unit(x: torch.Tensor) -> torch.Tensor:
-    return x * 2 - 1
+class _CentreCrop:
+    """Evaluation preprocessing: extraction's `ReferenceTransform` (centred crop), one crop."""
+
+    def __init__(self, resolution: int):
+        self.transform = ReferenceTransform(resolution)
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.transform(image.convert("RGB"))[0]
 
 
-def image_transform(resolution: int, train: bool, hflip: bool = False) -> transforms.Compose:
-    """The reference preprocessing: shorter side to round(1.125 R) (LANCZOS), an R x R crop
-    (random in training, centred otherwise), optional horizontal flip, values in [-1, 1]."""
-    steps = [transforms.Lambda(_to_rgb),
-             transforms.Resize(round(1.125 * resolution), interpolation=transforms.InterpolationMode.LANCZOS),
-             transforms.RandomCrop(resolution) if train else transforms.CenterCrop(resolution)]
-    if train and hflip:
-        steps.append(transforms.RandomHorizontalFlip())
-    steps += [transforms.ToTensor(), transforms.Lambda(_to_signed_unit)]
-    return transforms.Compose(steps)
+class TrainingImages(Dataset):
+    """Images of an ImageFolder (those at `indices`) with the reference's training preprocessing:
+    `.convert('RGB')`, shorter side to round(1.125 R) (LANCZOS), a random R x R crop, optional
+    horizontal flip, values in [-1, 1].
+
+    Indexed by (position, epoch): the crop and flip are drawn from a generator seeded by
+    (seed, epoch, image), so a step's images do not depend on the global RNG, the number of
+    loader workers, or whether the run was resumed."""
+
+    def __init__(self, folder: ImageFolder, indices: list[int], resolution: int, seed: int, hflip: bool = False):
+        self.folder, self.indices = folder, indices
+        self.resolution, self.seed, self.hflip = resolution, seed, hflip
+        self.resize_to = round(RESIZE_RATIO * resolution)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        position, epoch = key
+        index = self.indices[position]
+        path, label = self.folder.samples[index]
+        image = self.folder.loader(path).convert("RGB")
+        image = TF.resize(image, self.resize_to, interpolation=transforms.InterpolationMode.LANCZOS)
+        width, height = image.size
+        generator = torch.Generator().manual_seed(hash((self.seed, epoch, index)) & 0x7FFFFFFF)
+        top = int(torch.randint(0, height - self.resolution + 1, (1,), generator=generator))
+        left = int(torch.randint(0, width - self.resolution + 1, (1,), generator=generator))
+        image = TF.crop(image, top, left, self.resolution, self.resolution)
+        if self.hflip and torch.rand((), generator=generator) < 0.5:
+            image = TF.hflip(image)
+        return TF.to_tensor(image).mul_(2).sub_(1), label
 
 
 def split_image_folder(root: str | Path, resolution: int, val_fraction: float, seed: int,
@@ -42,19 +68,19 @@ def split_image_folder(root: str | Path, resolution: int, val_fraction: float, s
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root} (expected <root>/<class>/<image> files)")
-    train_set = ImageFolder(str(root), transform=image_transform(resolution, train=True, hflip=hflip))
-    val_set = ImageFolder(str(root), transform=image_transform(resolution, train=False))
-    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed)).tolist()
+    folder = ImageFolder(str(root))
+    val_set = ImageFolder(str(root), transform=_CentreCrop(resolution))
+    order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(seed)).tolist()
     num_val = int(round(val_fraction * len(order)))
     if val_max_images is not None:
         num_val = min(num_val, val_max_images)
     held_out = Subset(val_set, sorted(order[:num_val])) if num_val else None
-    return Subset(train_set, sorted(order[num_val:])), held_out
+    return TrainingImages(folder, sorted(order[num_val:]), resolution, seed, hflip), held_out
 
 
 class EpochBatchSampler:
-    """Batches of indices for one rank: a seeded permutation per epoch, the tail that would make
-    ranks unequal dropped, and a start offset (in batches) for resuming inside an epoch."""
+    """Batches of (position, epoch) keys for one rank: a seeded permutation per epoch, the tail that
+    would make ranks unequal dropped, and a start offset (in batches) for resuming inside an epoch."""
 
     def __init__(self, dataset_size: int, batch_size: int, rank: int, world_size: int, seed: int):
         self.dataset_size, self.batch_size = dataset_size, batch_size
@@ -71,11 +97,11 @@ class EpochBatchSampler:
     def __len__(self) -> int:
         return self.batches_per_epoch - self.start_batch
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         order = torch.randperm(self.dataset_size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         mine = order[: self.batches_per_epoch * self.batch_size * self.world_size][self.rank:: self.world_size]
         for b in range(self.start_batch, self.batches_per_epoch):
-            yield mine[b * self.batch_size: (b + 1) * self.batch_size].tolist()
+            yield [(index, self.epoch) for index in mine[b * self.batch_size: (b + 1) * self.batch_size].tolist()]
 
 
 def batches_from(dataset: Dataset, sampler: EpochBatchSampler, start_step: int, num_workers: int,

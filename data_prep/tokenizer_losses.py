@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
+from torchvision.models.vgg import cfgs, make_layers
 
 # torchvision VGG16 `features` indices right after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
 _VGG16_TAPS = (3, 8, 15, 22, 29)
@@ -44,7 +44,7 @@ class LPIPS(nn.Module):
         super().__init__()
         vgg_state = _load_state_dict_file(vgg16_weights, "VGG16 weights", "--vgg16-weights")
         features = {k[len("features."):]: v for k, v in vgg_state.items() if k.startswith("features.")}
-        vgg = torchvision.models.vgg16(weights=None).features[: _VGG16_TAPS[-1] + 1]
+        vgg = make_layers(cfgs["D"], batch_norm=False)[: _VGG16_TAPS[-1] + 1]  # VGG16's `features`
         missing, unexpected = vgg.load_state_dict(features or vgg_state, strict=False)
         if missing:
             raise ValueError(f"{vgg16_weights} lacks VGG16 feature weights: {missing[:6]} ...")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from tqdm import tqdm
 
 from var_train.models import DEFAULT_PATCH_NUMS, VQVAE
 from var_train.models.checkpoint_io import load_vae, save_model, save_reference_layout
+from var_train.parallel.distributed import default_device, init_distributed, launcher_ranks
 
 from .codebook_restart import CodebookUsageWindow, DeadCodeRestarter, quantizer_inputs_per_scale
 from .tokenizer_checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -108,22 +108,18 @@ class TokenizerTrainingResult:
     val_before: dict[str, float] = field(default_factory=dict)  # held-out metrics at the start of this run
     val_after: dict[str, float] = field(default_factory=dict)
     minutes: float = 0.0
+    model: VQVAE | None = None  # the trained model, in memory (on this rank's device)
 
 
 # -- process group ---------------------------------------------------------------------------------
-def init_distributed() -> tuple[int, int, torch.device]:
-    """-> (rank, world_size, device). Uses the torchrun/srun environment when present."""
-    world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        os.environ.setdefault("RANK", str(rank))
-        os.environ.setdefault("WORLD_SIZE", str(world_size))
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return rank, world_size, device
+def _setup_processes() -> tuple[int, int, torch.device]:
+    """-> (rank, world_size, device). A process group is made only when a launcher (torchrun,
+    srun) started several processes; a single process stays free of one."""
+    rank, world_size, local_rank = launcher_ranks()
+    if world_size > 1:
+        info = init_distributed()
+        return info.rank, info.world_size, info.device
+    return 0, 1, default_device(local_rank)
 
 
 def _all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -145,6 +141,17 @@ def build_vqvae(config: TokenizerTrainingConfig) -> VQVAE:
         return vae
     return VQVAE(vocab_size=config.vocab_size, z_channels=config.z_channels, ch=config.ch,
                  share_quant_resi=config.share_quant_resi, patch_nums=config.patch_nums, beta=config.beta)
+
+
+def freeze_unused_phi(vae: VQVAE) -> int:
+    """With fewer scales than phi convs (e.g. 2 scales, 4 convs) some convs serve no scale and never
+    get a gradient; freezing them keeps DDP from waiting for their gradients. -> number frozen."""
+    quantizer = vae.quantize
+    used = {id(quantizer.phi(k)) for k in range(quantizer.num_scales)}
+    unused = [conv for conv in quantizer.quant_resi.qresi_ls if id(conv) not in used]
+    for conv in unused:
+        conv.requires_grad_(False)
+    return len(unused)
 
 
 @torch.no_grad()
@@ -194,7 +201,7 @@ class _JsonlWriter:
 # -- the loop --------------------------------------------------------------------------------------
 def train_tokenizer(config: TokenizerTrainingConfig) -> TokenizerTrainingResult:
     """Train (or fine-tune) a VQVAE; resumes from the newest checkpoint in `output_dir`."""
-    rank, world_size, device = init_distributed()
+    rank, world_size, device = _setup_processes()
     is_main = rank == 0
     output_dir = Path(config.output_dir)
     if is_main:
@@ -202,12 +209,13 @@ def train_tokenizer(config: TokenizerTrainingConfig) -> TokenizerTrainingResult:
     torch.manual_seed(config.seed + rank)
 
     vae = build_vqvae(config).to(device)
+    freeze_unused_phi(vae)
     resolution = vae.resolution
     train_set, val_set = split_image_folder(config.data_dir, resolution, config.val_fraction, config.seed,
                                             config.hflip, config.val_max_images)
     sampler = EpochBatchSampler(len(train_set), config.batch_size, rank, world_size, config.seed)
 
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, betas=config.betas,
+    optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=config.lr, betas=config.betas,
                                   weight_decay=config.weight_decay)
     discriminator = disc_optimizer = None
     if config.disc_weight > 0:
@@ -370,4 +378,4 @@ def train_tokenizer(config: TokenizerTrainingConfig) -> TokenizerTrainingResult:
     log.close()
     if dist.is_initialized():
         dist.barrier()
-    return TokenizerTrainingResult(step, model_path, reference_path, val_before, val_after, trained_seconds / 60)
+    return TokenizerTrainingResult(step, model_path, reference_path, val_before, val_after, trained_seconds / 60, vae)

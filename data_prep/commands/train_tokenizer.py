@@ -1,0 +1,131 @@
+"""Train VAR's multi-scale VQVAE tokenizer on an image folder, from scratch or fine-tuning.
+
+Images are read as an ImageFolder (<data_dir>/<class>/<image>) with the reference preprocessing
+(shorter side to round(1.125 R) with LANCZOS, random R x R crop, [-1, 1]); R = 16 * the last
+patch_num. A held-out split (--val-fraction) is scored before and after training.
+
+Outputs in --output-dir:
+  checkpoints/step-XXXXXXXX/   vqvae.safetensors + training_state.pt (resume picks the newest)
+  metrics.jsonl                per-window losses, codebook usage and perplexity per scale,
+                               dead_codes_restarted, images_per_second; val_mse before/after
+  vqvae.safetensors            the final model (load with var_train.models.checkpoint_io.load_vae)
+  vqvae.pth                    the same weights in the released checkpoints' layout
+
+Distributed: start one process per device with torchrun or srun (DDP; gloo on CPU, nccl on GPU);
+--batch-size is per process.
+
+Examples:
+  var-prep train-tokenizer --data-dir demo/images --output-dir runs/tok-demo --preset demo
+  torchrun --nproc-per-node 8 -m data_prep.cli train-tokenizer --data-dir /data/imagenet/train \\
+      --output-dir runs/tok-ft --init-from vae_ch160v4096z32.pth --lr 2e-5 --batch-size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from data_prep.tokenizer_training import TokenizerTrainingConfig, train_tokenizer
+from var_train.parallel.distributed import launcher_ranks
+
+NAME = "train-tokenizer"
+HELP = "Train or fine-tune the multi-scale VQVAE tokenizer on an image folder."
+
+# A tokenizer that learns in minutes on a CPU: 64px digits, 4 scales (1,2,3,4), ch 32.
+PRESETS = {
+    "demo": dict(vocab_size=512, z_channels=16, ch=32, patch_nums=(1, 2, 3, 4), batch_size=8,
+                 lr=1e-3, dead_code_steps=20, max_minutes=5.0, max_steps=2000, checkpoint_every=100),
+    "reference": dict(vocab_size=4096, z_channels=32, ch=160, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16)),
+}
+
+
+def _patch_nums(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"patch_nums must be comma-separated integers, got {text!r}")
+    if not values or any(v < 1 for v in values) or list(values) != sorted(set(values)):
+        raise argparse.ArgumentTypeError(f"patch_nums must be increasing positive integers, got {text!r}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = TokenizerTrainingConfig(data_dir="", output_dir="")
+    io = parser.add_argument_group("data and outputs")
+    io.add_argument("--data-dir", required=True, help="ImageFolder root: <data-dir>/<class>/<image>")
+    io.add_argument("--output-dir", required=True, help="run directory (checkpoints, metrics, final model)")
+    io.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="start from a named configuration (explicit flags still win): "
+                         + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
+    io.add_argument("--val-fraction", type=float, default=None, help=f"held-out share of the images (default {d.val_fraction})")
+    io.add_argument("--val-max-images", type=int, default=None, help=f"cap on held-out images (default {d.val_max_images})")
+    io.add_argument("--hflip", action="store_true", default=None, help="random horizontal flips in training")
+    io.add_argument("--num-workers", type=int, default=None, help=f"data loader workers per process (default {d.num_workers})")
+    io.add_argument("--no-resume", dest="resume", action="store_false", default=None,
+                    help="start fresh even if --output-dir has checkpoints (default: resume from the newest)")
+    io.add_argument("--no-export-reference", dest="export_reference", action="store_false", default=None,
+                    help="do not write vqvae.pth in the reference layout at the end")
+
+    model = parser.add_argument_group("model (ignored with --init-from, which brings its own)")
+    model.add_argument("--init-from", default=None, help="fine-tune this VQVAE (.pth reference layout or our .safetensors)")
+    model.add_argument("--vocab-size", type=int, default=None, help=f"codebook entries (default {d.vocab_size})")
+    model.add_argument("--z-channels", type=int, default=None, help=f"code dimension (default {d.z_channels})")
+    model.add_argument("--ch", type=int, default=None, help=f"base channels of encoder/decoder, a multiple of 32 (default {d.ch})")
+    model.add_argument("--share-quant-resi", type=int, default=None, help=f"number of phi convs (default {d.share_quant_resi})")
+    model.add_argument("--patch-nums", type=_patch_nums, default=None,
+                       help="token-map sides per scale, e.g. 1,2,3,4 (resolution = 16 x the last); "
+                            "default the released 1,2,3,4,5,6,8,10,13,16")
+    model.add_argument("--beta", type=float, default=None, help=f"commitment weight (default {d.beta})")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--batch-size", type=int, default=None, help=f"images per process per step (default {d.batch_size})")
+    optim.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default {d.lr})")
+    optim.add_argument("--weight-decay", type=float, default=None, help=f"(default {d.weight_decay})")
+    optim.add_argument("--max-steps", type=int, default=None, help=f"total optimizer steps (default {d.max_steps})")
+    optim.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time (resumable)")
+    optim.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="bf16 autocast (GPU) or fp32 (default)")
+    optim.add_argument("--seed", type=int, default=None, help=f"(default {d.seed})")
+
+    losses = parser.add_argument_group("losses")
+    losses.add_argument("--l2-weight", type=float, default=None, help=f"pixel MSE weight (default {d.l2_weight})")
+    losses.add_argument("--l1-weight", type=float, default=None, help=f"pixel L1 weight (default {d.l1_weight})")
+    losses.add_argument("--vq-weight", type=float, default=None, help=f"codebook + commitment weight (default {d.vq_weight})")
+    losses.add_argument("--lpips-weight", type=float, default=None, help="LPIPS weight (default 0; needs the two files below)")
+    losses.add_argument("--lpips-weights", default=None, help="local LPIPS linear heads (the lpips package's weights/v0.1/vgg.pth)")
+    losses.add_argument("--vgg16-weights", default=None, help="local torchvision VGG16 state dict (vgg16-397923af.pth)")
+    losses.add_argument("--disc-weight", type=float, default=None,
+                        help="weight of the PatchGAN hinge loss (default 0 = no discriminator; the VAR paper used 0.5)")
+    losses.add_argument("--disc-start", type=int, default=None, help="step at which the adversarial term starts (default 0)")
+    losses.add_argument("--dead-code-steps", type=int, default=None,
+                        help=f"restart codes unused for this many steps, 0 = never (default {d.dead_code_steps})")
+
+    book = parser.add_argument_group("logging and checkpoints")
+    book.add_argument("--log-every", type=int, default=None, help=f"steps per metrics window (default {d.log_every})")
+    book.add_argument("--checkpoint-every", type=int, default=None, help=f"(default {d.checkpoint_every})")
+    book.add_argument("--keep-last", type=int, default=None, help=f"checkpoints kept, 0 = all (default {d.keep_last})")
+    book.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> TokenizerTrainingConfig:
+    fields = dict(PRESETS[args.preset]) if args.preset else {}
+    for name in TokenizerTrainingConfig.__dataclass_fields__:
+        value = getattr(args, name, None)
+        if value is not None:
+            fields[name] = value
+    return TokenizerTrainingConfig(**fields)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        raise SystemExit(f"train-tokenizer: {error}")
+    result = train_tokenizer(config)
+    if launcher_ranks()[0] != 0:
+        return 0
+    if result.val_after:
+        print(f"step {result.step}: held-out MSE {result.val_before.get('val_mse', float('nan')):.4f} -> "
+              f"{result.val_after['val_mse']:.4f}; codebook usage per scale "
+              + ", ".join(f"{k.removeprefix('val_codebook_usage_')}={v:.3f}" for k, v in result.val_after.items()
+                          if k.startswith("val_codebook_usage_")))
+    print(f"model: {result.model_path}" + (f"; reference layout: {result.reference_path}" if result.reference_path else ""))
+    return 0

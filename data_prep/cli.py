@@ -9,6 +9,7 @@ from var_train.cli import build_parser
 SUBCOMMAND_MODULES: list[str] = [
     "data_prep.commands.extract",
     "data_prep.commands.demo_data",
+    "data_prep.commands.train_tokenizer",
 ]
 
 

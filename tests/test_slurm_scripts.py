@@ -1,0 +1,151 @@
+"""Slurm launchers: syntax, the requeue protocol (fake scontrol/srun/trainer), signal forwarding,
+and the scaling sweep's per-depth overrides against the real config loader."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+SLURM = REPO_ROOT / "slurm"
+SCRIPTS = sorted([*SLURM.glob("*.sbatch"), *SLURM.glob("*.sh"), *SLURM.glob("lib/*.sh")])
+
+
+def _executable(path: Path, body: str) -> Path:
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
+@pytest.fixture
+def fake_bin(tmp_path) -> Path:
+    """PATH entries standing in for Slurm and the trainer; each call is logged to calls.log."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    _executable(bin_dir / "scontrol", f'echo "scontrol $*" >> {log}\n'
+                                      'if [[ "$1 $2" == "show hostnames" ]]; then echo node-a; echo node-b; fi\n')
+    _executable(bin_dir / "srun", f'echo "srun $*" >> {log}\nshift\nexec "$@"\n')  # drop --kill-on-bad-exit
+    # The fake trainer exits with $FAKE_EXIT, or waits for SIGUSR1 and then exits 42 like the real one.
+    _executable(bin_dir / "fake-var-train", f'''echo "trainer $* MASTER_ADDR=$MASTER_ADDR" >> {log}
+if [[ "${{FAKE_WAIT_FOR_SIGNAL:-0}}" == 1 ]]; then
+    trap 'echo "trainer got USR1" >> {log}; exit 42' USR1
+    touch {tmp_path}/trainer-ready
+    for _ in $(seq 300); do sleep 0.1; done
+    exit 1
+fi
+exit "${{FAKE_EXIT:-0}}"
+''')
+    return bin_dir
+
+
+def _env(fake_bin: Path, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}", "VAR_TRAIN_ROOT": str(REPO_ROOT),
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node-[a-b]", "RECIPE": "recipes/d16.yaml",
+           "VAR_TRAIN": "fake-var-train"}
+    env.pop("MASTER_ADDR", None)
+    env.update(extra)
+    return env
+
+
+def _calls(fake_bin: Path) -> list[str]:
+    log = fake_bin.parent / "calls.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(SLURM)))
+def test_bash_syntax(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_requeue_function_requeues_only_on_preempted_exit_code(fake_bin):
+    def run(code: int) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", f'source slurm/lib/requeue.sh; run_with_requeue fake-var-train; echo "rc=$?"'],
+                              cwd=REPO_ROOT, env=_env(fake_bin, FAKE_EXIT=str(code)), capture_output=True, text=True)
+
+    done = run(0)
+    assert "rc=0" in done.stdout and not any(c.startswith("scontrol requeue") for c in _calls(fake_bin))
+    failed = run(3)
+    assert "rc=3" in failed.stdout and not any(c.startswith("scontrol requeue") for c in _calls(fake_bin))
+    preempted = run(42)
+    assert "rc=0" in preempted.stdout
+    assert "scontrol requeue 4242" in _calls(fake_bin)
+
+
+def test_requeue_gives_up_after_max_requeues(fake_bin):
+    proc = subprocess.run(["bash", "-c", "source slurm/lib/requeue.sh; run_with_requeue fake-var-train; echo rc=$?"],
+                          cwd=REPO_ROOT, env=_env(fake_bin, FAKE_EXIT="42", SLURM_RESTART_COUNT="3", MAX_REQUEUES="3"),
+                          capture_output=True, text=True)
+    assert "rc=42" in proc.stdout and not any(c.startswith("scontrol requeue") for c in _calls(fake_bin))
+
+
+@pytest.mark.parametrize("trainer_exit, requeued", [(42, True), (0, False), (43, False)])
+def test_train_sbatch_end_to_end(fake_bin, trainer_exit, requeued):
+    proc = subprocess.run(["bash", str(SLURM / "train.sbatch"), "run.output_dir=runs/x", "optim.epochs=1"],
+                          cwd=REPO_ROOT, env=_env(fake_bin, FAKE_EXIT=str(trainer_exit)), capture_output=True, text=True)
+    calls = _calls(fake_bin)
+    assert "trainer train --recipe recipes/d16.yaml run.output_dir=runs/x optim.epochs=1 MASTER_ADDR=node-a" in calls
+    assert any(c.startswith("srun --kill-on-bad-exit=0 fake-var-train train") for c in calls)
+    assert ("scontrol requeue 4242" in calls) == requeued
+    assert proc.returncode == (0 if requeued else trainer_exit), proc.stderr
+
+
+def test_train_sbatch_forwards_slurm_warning_signal(fake_bin, tmp_path):
+    """Slurm's `--signal=B:USR1@120` reaches the batch shell; the trainer must get it and the
+    resulting exit 42 must requeue the job."""
+    proc = subprocess.Popen(["bash", str(SLURM / "train.sbatch")], cwd=REPO_ROOT,
+                            env=_env(fake_bin, FAKE_WAIT_FOR_SIGNAL="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "trainer-ready").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "fake trainer never started"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=30)
+    calls = _calls(fake_bin)
+    assert "trainer got USR1" in calls, stderr
+    assert "scontrol requeue 4242" in calls
+    assert proc.returncode == 0
+
+
+def test_shell_exit_code_matches_trainer_constant():
+    from var_train.preemption import EXIT_CODE_PREEMPTED
+
+    out = subprocess.run(["bash", "-c", "source slurm/lib/requeue.sh; echo $EXIT_CODE_PREEMPTED"], cwd=REPO_ROOT,
+                         env={k: v for k, v in os.environ.items() if k != "EXIT_CODE_PREEMPTED"},
+                         capture_output=True, text=True, check=True)
+    assert int(out.stdout.strip()) == EXIT_CODE_PREEMPTED
+
+
+def test_scaling_sweep_overrides_load_with_the_paper_hyperparameters(tmp_path):
+    from var_train.config import load_config
+
+    proc = subprocess.run(["bash", str(SLURM / "sweep_scaling.sh"), "data.train_shards=/data/tokens"], cwd=REPO_ROOT,
+                          env={**os.environ, "DRY_RUN": "1", "RECIPE": "recipes/d16.yaml", "RUNS": "runs/scaling"},
+                          capture_output=True, text=True, check=True)
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 12
+    depths = []
+    for line in lines:
+        words = shlex.split(line)
+        assert words[0] == "sbatch" and words[words.index("--export") + 1].startswith("ALL,RECIPE=recipes/d16.yaml")
+        overrides = words[words.index(str(SLURM / "train.sbatch")) + 1:]
+        cfg = load_config(REPO_ROOT / "recipes/d16.yaml", overrides)
+        depth = cfg.model.depth
+        depths.append(depth)
+        assert cfg.run.output_dir == f"runs/scaling/d{depth}"
+        assert cfg.data.train_shards == "/data/tokens"
+        assert cfg.model.drop_path_rate == pytest.approx(0.1 * depth / 24)
+        assert cfg.model.embed_dim is None and cfg.model.num_heads is None  # 64*depth, depth heads
+        assert cfg.optim.base_lr == (8e-5 if depth >= 24 else 1e-4)
+        assert cfg.optim.wpe == (0.01 if depth >= 24 else 0.1)
+        assert cfg.optim.global_batch_size == (1024 if depth == 30 else 768)
+    assert depths[0] == 6 and depths[-1] == 30 and depths == sorted(depths)

@@ -20,6 +20,8 @@ all-gathers stay on the fast intra-node links.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -28,6 +30,10 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from .activation_checkpoint import apply_activation_checkpointing, apply_compile
 from .engine import Engine, global_grad_norm
 from .optimizer import build_optimizer
+
+# The VAR's logits leave the root module as a view of the head's matmul; the trainer never
+# modifies them in place, which is what this FSDP2 warning is about.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 
 def build_mesh(device: torch.device, world_size: int, replicate_degree: int) -> DeviceMesh:

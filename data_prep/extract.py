@@ -315,11 +315,12 @@ def extract_tokens(config: ExtractConfig) -> ExtractionSummary:
     for name in ("shard_size", "batch_size", "crops"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
-    if config.resolution != 16 * patch_nums[-1]:
-        raise ValueError(f"--resolution {config.resolution} does not match --patch-nums {patch_nums}: the VQVAE "
-                         f"downsamples 16x, so the last scale needs resolution {16 * patch_nums[-1]}")
     if not Path(config.vae).is_file():
         raise FileNotFoundError(f"VQVAE checkpoint not found: {config.vae}")
+    vae = load_vae(config.vae, patch_nums=patch_nums)
+    if config.resolution != vae.resolution:
+        raise ValueError(f"--resolution {config.resolution} does not match the VQVAE: it downsamples "
+                         f"{vae.downsample}x, so --patch-nums {patch_nums} need resolution {vae.resolution}")
 
     sources: SourceList = list_sources(config.source, config.input_format, config.num_classes)
     items = sources.items
@@ -339,7 +340,7 @@ def extract_tokens(config: ExtractConfig) -> ExtractionSummary:
     device = _pick_device(config.device, local_rank)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    vae = load_vae(config.vae, patch_nums=patch_nums).to(device).eval()
+    vae = vae.to(device).eval()
     vocab_size = vae.config["vocab_size"]
     if vocab_size > MAX_VOCAB_SIZE:
         raise ValueError(f"vocab_size {vocab_size} does not fit the uint16 token records (max {MAX_VOCAB_SIZE})")

@@ -52,6 +52,9 @@ class TokenizerTrainingConfig:
     share_quant_resi: int = 4
     patch_nums: tuple[int, ...] = DEFAULT_PATCH_NUMS
     beta: float = 0.25
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # one entry per level: 2^(levels-1)x downsampling
+    encoder_blocks: int = 2
+    decoder_blocks: int = 3
     # Optimisation.
     batch_size: int = 16  # per rank
     lr: float = 1e-4
@@ -140,7 +143,9 @@ def build_vqvae(config: TokenizerTrainingConfig) -> VQVAE:
             vae.quantize.beta = vae.config["beta"] = config.beta
         return vae
     return VQVAE(vocab_size=config.vocab_size, z_channels=config.z_channels, ch=config.ch,
-                 share_quant_resi=config.share_quant_resi, patch_nums=config.patch_nums, beta=config.beta)
+                 share_quant_resi=config.share_quant_resi, patch_nums=config.patch_nums, beta=config.beta,
+                 ch_mult=tuple(config.ch_mult), encoder_blocks=config.encoder_blocks,
+                 decoder_blocks=config.decoder_blocks)
 
 
 def freeze_unused_phi(vae: VQVAE) -> int:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tests.models.tiny import VAE_KW, tiny_models
-from var_train.models import VAR
+from var_train.models import VAR, VQVAE
 from var_train.models.checkpoint_io import (StateDictMismatchError, load_quantizer, load_state_dict_strict,
                                             load_vae, load_var, save_model, save_reference_layout)
 
@@ -60,3 +60,13 @@ def test_mismatch_lists_every_difference():
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_var(tmp_path / "nope.pth")
+
+
+def test_small_custom_tokenizer_layout_round_trips(tmp_path):
+    vae = VQVAE(vocab_size=32, z_channels=8, ch=32, patch_nums=(1, 2, 4), ch_mult=(1, 2), encoder_blocks=1, decoder_blocks=1)
+    assert vae.downsample == 2 and vae.resolution == 8
+    assert [t.shape[1] for t in vae.image_to_tokens(torch.zeros(1, 3, 8, 8))] == [1, 4, 16]
+    for path in (save_model(vae, tmp_path / "vae.safetensors"), save_reference_layout(vae, tmp_path / "vae.pth")):
+        loaded = load_vae(path, patch_nums=(1, 2, 4))
+        assert loaded.config == vae.config
+        assert_same_weights(vae, loaded)

@@ -131,7 +131,13 @@ def vae_config_from_state_dict(state: dict[str, torch.Tensor], patch_nums=None) 
     config = dict(vocab_size=vocab_size, z_channels=z_channels, patch_nums=list(patch_nums),
                   share_quant_resi=sum(1 for k in state if k.startswith(prefix + "quant_resi.qresi_ls.") and k.endswith(".weight")))
     if "encoder.conv_in.weight" in state:
-        config["ch"] = state["encoder.conv_in.weight"].shape[0]
+        ch = config["ch"] = state["encoder.conv_in.weight"].shape[0]
+        count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+        levels = count("encoder.down.")
+        ch_mult = [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)]
+        encoder_blocks, decoder_blocks = count("encoder.down.0.block."), count("decoder.up.0.block.")
+        if (tuple(ch_mult), encoder_blocks, decoder_blocks) != ((1, 1, 2, 2, 4), 2, 3):  # not the released layout
+            config.update(ch_mult=ch_mult, encoder_blocks=encoder_blocks, decoder_blocks=decoder_blocks)
     return config
 
 

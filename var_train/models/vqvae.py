@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .quantizer import DEFAULT_PATCH_NUMS, MultiScaleQuantizer
 
-CHANNEL_MULTIPLIERS = (1, 1, 2, 2, 4)  # 5 levels, 4 downsamplings: 16x
+CHANNEL_MULTIPLIERS = (1, 1, 2, 2, 4)  # the released layout: 5 levels, 4 downsamplings, 16x
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -84,13 +84,13 @@ def _mid_block(channels: int) -> nn.Module:
 class Encoder(nn.Module):
     """(B, 3, H, W) -> (B, z, H/16, W/16); attention at the lowest resolution and in the middle."""
 
-    def __init__(self, ch: int, z_channels: int, blocks_per_level: int = 2):
+    def __init__(self, ch: int, z_channels: int, blocks_per_level: int = 2, ch_mult=CHANNEL_MULTIPLIERS):
         super().__init__()
         self.conv_in = nn.Conv2d(3, ch, 3, 1, 1)
         self.down = nn.ModuleList()
         channels = ch
-        last_level = len(CHANNEL_MULTIPLIERS) - 1
-        for level, multiplier in enumerate(CHANNEL_MULTIPLIERS):
+        last_level = len(ch_mult) - 1
+        for level, multiplier in enumerate(ch_mult):
             stage = nn.Module()
             stage.block = nn.ModuleList()
             stage.attn = nn.ModuleList()
@@ -122,20 +122,20 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """(B, z, h, w) -> (B, 3, 16h, 16w). `up[i]` is stored coarse-last, as in the released weights."""
 
-    def __init__(self, ch: int, z_channels: int, blocks_per_level: int = 3):
+    def __init__(self, ch: int, z_channels: int, blocks_per_level: int = 3, ch_mult=CHANNEL_MULTIPLIERS):
         super().__init__()
-        last_level = len(CHANNEL_MULTIPLIERS) - 1
-        channels = ch * CHANNEL_MULTIPLIERS[last_level]
+        last_level = len(ch_mult) - 1
+        channels = ch * ch_mult[last_level]
         self.conv_in = nn.Conv2d(z_channels, channels, 3, 1, 1)
         self.mid = _mid_block(channels)
         stages = []
-        for level in reversed(range(len(CHANNEL_MULTIPLIERS))):
+        for level in reversed(range(len(ch_mult))):
             stage = nn.Module()
             stage.block = nn.ModuleList()
             stage.attn = nn.ModuleList()
             for _ in range(blocks_per_level):
-                stage.block.append(ResnetBlock(channels, ch * CHANNEL_MULTIPLIERS[level]))
-                channels = ch * CHANNEL_MULTIPLIERS[level]
+                stage.block.append(ResnetBlock(channels, ch * ch_mult[level]))
+                channels = ch * ch_mult[level]
                 if level == last_level:
                     stage.attn.append(AttnBlock(channels))
             if level != 0:
@@ -166,16 +166,23 @@ class VQVAEOutput:
 
 
 class VQVAE(nn.Module):
+    """The released tokenizer is the default. `ch_mult` (one entry per level; 2^(levels-1)x
+    downsampling) and the blocks per level make smaller tokenizers for small images and CPUs."""
+
     def __init__(self, vocab_size: int = 4096, z_channels: int = 32, ch: int = 160,
                  share_quant_resi: int = 4, patch_nums: tuple[int, ...] = DEFAULT_PATCH_NUMS,
-                 beta: float = 0.25):
+                 beta: float = 0.25, ch_mult: tuple[int, ...] = CHANNEL_MULTIPLIERS,
+                 encoder_blocks: int = 2, decoder_blocks: int = 3):
         super().__init__()
         if ch % 32:
             raise ValueError(f"ch must be a multiple of 32 (GroupNorm with 32 groups), got {ch}")
         self.config = dict(vocab_size=vocab_size, z_channels=z_channels, ch=ch,
                            share_quant_resi=share_quant_resi, patch_nums=list(patch_nums), beta=beta)
-        self.encoder = Encoder(ch, z_channels)
-        self.decoder = Decoder(ch, z_channels)
+        if (tuple(ch_mult), encoder_blocks, decoder_blocks) != (CHANNEL_MULTIPLIERS, 2, 3):
+            self.config.update(ch_mult=list(ch_mult), encoder_blocks=encoder_blocks, decoder_blocks=decoder_blocks)
+        self.downsample = 2 ** (len(ch_mult) - 1)
+        self.encoder = Encoder(ch, z_channels, encoder_blocks, tuple(ch_mult))
+        self.decoder = Decoder(ch, z_channels, decoder_blocks, tuple(ch_mult))
         self.quantize = MultiScaleQuantizer(vocab_size, z_channels, share_quant_resi, patch_nums, beta)
         self.quant_conv = nn.Conv2d(z_channels, z_channels, 3, 1, 1)
         self.post_quant_conv = nn.Conv2d(z_channels, z_channels, 3, 1, 1)
@@ -186,14 +193,14 @@ class VQVAE(nn.Module):
 
     @property
     def resolution(self) -> int:
-        return 16 * self.patch_nums[-1]
+        return self.downsample * self.patch_nums[-1]
 
     def encode_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.quant_conv(self.encoder(images))
 
     @torch.no_grad()
     def image_to_tokens(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """(B, 3, H, W) in [-1, 1], H = W = 16 * patch_nums[-1] -> K x (B, pn*pn) int64."""
+        """(B, 3, H, W) in [-1, 1], H = W = `resolution` -> K x (B, pn*pn) int64."""
         expected = self.resolution
         if images.shape[-2:] != (expected, expected):
             raise ValueError(f"images must be {expected}x{expected} for patch_nums {self.patch_nums}, "

@@ -63,8 +63,10 @@ def generate_images(var: VAR, vae: VQVAE, labels: torch.Tensor, *, cfg: float = 
     return torch.cat(images) if images else torch.empty(0, 3, vae.resolution, vae.resolution, dtype=torch.uint8)
 
 
-def write_samples(images: torch.Tensor, labels: torch.Tensor, out_dir: str | Path, per_row: int | None = None) -> Path:
-    """Write `<out>/<class>_<index>.png` for each image and `<out>/grid.png`; return the grid path."""
+def write_samples(images: torch.Tensor, labels: torch.Tensor, out_dir: str | Path, per_row: int | None = None,
+                  display_size: int | None = None) -> Path:
+    """Write `<out>/<class>_<index>.png` for each image and `<out>/grid.png` (cells enlarged to
+    `display_size` pixels when the images are smaller); return the grid path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seen: dict[int, int] = {}
@@ -72,7 +74,10 @@ def write_samples(images: torch.Tensor, labels: torch.Tensor, out_dir: str | Pat
         index = seen.get(label, 0)
         seen[label] = index + 1
         save_image(image.float() / 255, out_dir / f"{label:04d}_{index:04d}.png")
-    grid = make_grid(images.float() / 255, nrow=per_row or max(1, min(16, len(images))), padding=2)
+    cells = images.float() / 255
+    if display_size and cells.shape[-1] < display_size:
+        cells = torch.nn.functional.interpolate(cells, size=(display_size, display_size), mode="nearest")
+    grid = make_grid(cells, nrow=per_row or max(1, min(16, len(images))), padding=2)
     grid_path = out_dir / "grid.png"
     save_image(grid, grid_path)
     return grid_path

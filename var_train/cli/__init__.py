@@ -11,6 +11,7 @@ import importlib
 import sys
 
 SUBCOMMAND_MODULES = [
+    "var_train.cli.demo",
     "var_train.cli.train",
     "var_train.cli.eval",
     "var_train.cli.fid_stats",

@@ -1,0 +1,191 @@
+"""`var-train demo`: the whole pipeline on real data that ships with scikit-learn, on a CPU.
+
+    digits (1,797 8x8 scans, 10 classes) -> 64px ImageFolder          (var-prep demo-data)
+    -> multi-scale VQVAE tokenizer trained for a few minutes           (var-prep train-tokenizer)
+    -> token shards                                                    (var-prep extract)
+    -> a small VAR trained by 2 processes with FSDP2 over gloo         (torchrun ... var-train train)
+    -> consolidated weights, a sample grid                             (var-train export / sample)
+    -> FID / IS / precision / recall with a digits classifier's features, and the classifier's
+       per-class accuracy on the generated digits                      (var-train eval)
+Everything lands in one folder; each stage is skipped when its output is already there, so an
+interrupted demo continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+# A tokenizer that learns in about two minutes on 2 CPU cores: the digits are 8x8 scans, so 16px
+# (a 4x-downsampling VQVAE to a 4x4 grid, scales 1,2,3,4) loses nothing of them.
+DEMO_TOKENIZER = dict(vocab_size=256, z_channels=16, ch=32, ch_mult=(1, 1, 2), encoder_blocks=1, decoder_blocks=1,
+                      patch_nums=(1, 2, 3, 4), batch_size=32, lr=2e-3, dead_code_steps=20, checkpoint_every=200,
+                      max_steps=100_000, num_workers=0)
+
+
+@dataclass
+class DemoConfig:
+    out: str = "demo_out"
+    resolution: int = 16
+    nproc: int = 2  # training processes (FSDP2 over gloo on a CPU)
+    tokenizer_minutes: float = 2.0
+    train_overrides: list[str] = field(default_factory=list)  # extra `section.key=value` for the VAR recipe
+    samples_per_class: int = 20
+    cfg: float = 2.0
+    seed: int = 0
+    recipe: str = str(REPO_RECIPES / "demo.yaml")
+
+
+class Stages:
+    """Numbered, timed stage headers on the console."""
+
+    def __init__(self, total: int):
+        self.total, self.index, self.started = total, 0, time.perf_counter()
+        self.seconds: dict[str, float] = {}
+        self._current: tuple[str, float] | None = None
+
+    def begin(self, name: str, detail: str = "") -> None:
+        self.end()
+        self.index += 1
+        print(f"\n[{self.index}/{self.total}] {name}" + (f": {detail}" if detail else ""), flush=True)
+        self._current = (name, time.perf_counter())
+
+    def skip(self, what: Path) -> None:
+        print(f"  already done ({what}), skipping", flush=True)
+
+    def end(self) -> None:
+        if self._current is not None:
+            name, started = self._current
+            self.seconds[name] = round(time.perf_counter() - started, 1)
+            self._current = None
+
+
+def _train_var(cfg: DemoConfig, shards: Path, vae: Path, run_dir: Path) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.nproc}", "--nnodes=1",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+               "-m", "var_train.cli", "train", "--recipe", cfg.recipe, f"data.train_shards={shards}",
+               f"data.vae={vae}", f"run.output_dir={run_dir}", f"run.seed={cfg.seed}", *cfg.train_overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH")]))}
+    print("  " + " ".join(command), flush=True)
+    result = subprocess.run(command, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"VAR training exited with {result.returncode}; its run directory is {run_dir} "
+                           f"(run the demo again to resume it)")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    from data_prep.demo_data import write_demo_data
+    from data_prep.extract import ExtractConfig, extract_tokens
+    from data_prep.tokenizer_training import TokenizerTrainingConfig, train_tokenizer
+    from var_train.checkpoint import export_checkpoint, latest_checkpoint
+    from var_train.evaluation.classifier import class_accuracy, train_classifier
+    from var_train.evaluation.features import build_feature_extractor
+    from var_train.evaluation.reference_stats import compute_fid_stats
+    from var_train.evaluation.standalone import EvalSettings, evaluate_checkpoint
+    from var_train.generate import generate_images, write_samples
+    from var_train.models.checkpoint_io import load_vae, load_var
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images, tokenizer_dir, shards = out / "images", out / "tokenizer", out / "shards"
+    run_dir, var_path = out / "train", out / "var.safetensors"
+    stages = Stages(total=7)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+    stages.begin("demo data", f"scikit-learn digits -> {cfg.resolution}px ImageFolder in {images}")
+    if (images / "9").is_dir() and len(list(images.glob("*/*.png"))) == 1797:
+        stages.skip(images)
+    else:
+        write_demo_data(images, resolution=cfg.resolution)
+
+    stages.begin("tokenizer", f"multi-scale VQVAE, about {cfg.tokenizer_minutes:g} minutes of training")
+    preset = dict(DEMO_TOKENIZER, max_minutes=cfg.tokenizer_minutes)
+    vae_path = tokenizer_dir / "vae.safetensors"
+    if vae_path.is_file():
+        stages.skip(vae_path)
+    else:
+        result = train_tokenizer(TokenizerTrainingConfig(data_dir=str(images), output_dir=str(tokenizer_dir),
+                                                         seed=cfg.seed, **preset))
+        if result.model_path != vae_path:
+            vae_path.write_bytes(Path(result.model_path).read_bytes())
+        print(f"  held-out reconstruction: {result.val_before} -> {result.val_after}", flush=True)
+
+    stages.begin("token shards", f"{images} -> {shards}")
+    if (shards / "manifest.json").is_file():
+        stages.skip(shards)
+    else:
+        extract_tokens(ExtractConfig(source=str(images), vae=str(vae_path), out=str(shards),
+                                     resolution=cfg.resolution, patch_nums=tuple(preset["patch_nums"]),
+                                     shard_size=512, batch_size=128, num_workers=0, min_size=8))
+
+    stages.begin("VAR training", f"{cfg.nproc} processes, FSDP2 over gloo, recipe {cfg.recipe}")
+    if var_path.is_file():
+        stages.skip(var_path)
+    else:
+        _train_var(cfg, shards, vae_path, run_dir)
+        export_checkpoint(latest_checkpoint(run_dir / "checkpoints"), var_path)
+
+    stages.begin("samples", f"{cfg.samples_per_class} per class, cfg {cfg.cfg}")
+    var = load_var(var_path).eval()
+    vae = load_vae(vae_path, patch_nums=list(var.patch_nums)).eval()
+    labels = torch.arange(var.num_classes).repeat_interleave(8)
+    grid = write_samples(generate_images(var, vae, labels, cfg=cfg.cfg, top_k=0, top_p=0.0, seed=cfg.seed),
+                         labels, out / "samples", per_row=8, display_size=64)
+    print(f"  sample grid: {grid}", flush=True)
+
+    stages.begin("digits classifier", "the feature extractor for FID/IS on this data")
+    classifier = out / "classifier.safetensors"
+    if classifier.is_file():
+        stages.skip(classifier)
+    else:
+        summary = train_classifier(images, classifier)
+        print(f"  held-out accuracy {summary.val_accuracy:.1%}", flush=True)
+    reference = out / "reference_stats.npz"
+    if not reference.is_file():
+        compute_fid_stats(out=reference, images=images, feature_extractor=str(classifier))
+
+    stages.begin("evaluation", f"{cfg.samples_per_class} samples per class against the real digits")
+    settings = EvalSettings(per_class=cfg.samples_per_class, cfg=cfg.cfg, top_k=0, top_p=0.0, seed=cfg.seed,
+                            feature_extractor=str(classifier), precision_recall=True)
+    report = evaluate_checkpoint(var_path, vae_path, out / "eval", reference=reference, settings=settings)
+    with np.load(report["samples_npz"]) as samples:
+        generated, generated_labels = torch.from_numpy(samples["arr_0"]).permute(0, 3, 1, 2), torch.from_numpy(samples["arr_1"])
+    accuracy = class_accuracy(build_feature_extractor(str(classifier)), generated, generated_labels)
+    stages.end()
+
+    metrics = {k: report[k] for k in ("fid", "inception_score", "precision", "recall") if k in report}
+    metrics["class_accuracy"] = accuracy["class_accuracy"]
+    per_class = {k.split("/", 1)[1]: v for k, v in accuracy.items() if k.startswith("class_accuracy/")}
+    summary = {"metrics": metrics, "class_accuracy_per_class": per_class, "stage_seconds": stages.seconds,
+               "total_seconds": round(time.perf_counter() - stages.started, 1), "sample_grid": str(grid),
+               "metrics_jsonl": str(run_dir / "metrics.jsonl")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print("\n== demo results ==")
+    for name, value in metrics.items():
+        print(f"  {name:16s} {value:.4g}")
+    if per_class:
+        print("  per-class accuracy of generated digits: "
+              + "  ".join(f"{name}:{value:.0%}" for name, value in per_class.items()))
+    print(f"  sample grid {grid}; everything in {out}; {summary['total_seconds'] / 60:.1f} minutes")
+    return summary

@@ -112,7 +112,10 @@ def test_dead_code_restart_revives_unused_codes():
 @pytest.mark.distributed
 def test_two_rank_training_keeps_replicas_identical(digits, tmp_path):
     proc = run_torchrun(WORKER, str(digits), str(tmp_path), nproc=2, timeout=300)
-    assert proc.stdout.count("REPLICAS IDENTICAL") == 2, proc.stdout
+    assert proc.stdout.count("REPLICAS IDENTICAL (restarts)") == 2, proc.stdout
+    assert proc.stdout.count("REPLICAS IDENTICAL (adversarial)") == 2, proc.stdout
+    adversarial = _metrics(tmp_path / "adversarial")
+    assert any("discriminator_loss" in r for r in adversarial)
     restarts = [r["dead_codes_restarted"] for r in _metrics(tmp_path) if "dead_codes_restarted" in r]
     assert sum(restarts) > 0  # the rank-0-draws-and-broadcasts path ran
 

@@ -11,15 +11,7 @@ import torch.distributed as dist
 from data_prep.tokenizer_training import TokenizerTrainingConfig, train_tokenizer
 
 
-def main() -> None:
-    data_dir, output_dir = sys.argv[1], sys.argv[2]
-    # dead_code_steps=1 restarts codes at every step: the broadcast path must keep ranks in step.
-    config = TokenizerTrainingConfig(data_dir=data_dir, output_dir=output_dir, vocab_size=64, z_channels=8,
-                                     ch=32, patch_nums=(1, 2), batch_size=4, lr=1e-3, max_steps=4,
-                                     log_every=2, checkpoint_every=2, dead_code_steps=1, val_fraction=0.1,
-                                     num_workers=0, progress=False)
-    result = train_tokenizer(config)
-    assert dist.is_initialized() and dist.get_world_size() == 2, "expected a world of 2 processes"
+def check_identical(result, what: str) -> None:
     assert result.step == 4
     # Parameters only: the usage buffer ema_vocab_hit_SV counts each rank's own hits (DDP broadcasts
     # rank 0's at every forward, so it is rank 0's that is saved).
@@ -28,7 +20,22 @@ def main() -> None:
     dist.all_gather(gathered, flat)
     assert torch.equal(gathered[0], gathered[1]), (gathered[0] - gathered[1]).abs().max()
     # Each rank trained on its own images: identical weights come from DDP's gradient averaging.
-    print(f"rank {dist.get_rank()}: REPLICAS IDENTICAL", flush=True)
+    print(f"rank {dist.get_rank()}: REPLICAS IDENTICAL ({what})", flush=True)
+
+
+def main() -> None:
+    data_dir, output_dir = sys.argv[1], sys.argv[2]
+    # dead_code_steps=1 restarts codes at every step: the broadcast path must keep ranks in step.
+    common = dict(data_dir=data_dir, vocab_size=64, z_channels=8, ch=32, patch_nums=(1, 2), batch_size=4,
+                  lr=1e-3, max_steps=4, log_every=2, checkpoint_every=2, val_fraction=0.1, num_workers=0,
+                  progress=False)
+    result = train_tokenizer(TokenizerTrainingConfig(output_dir=output_dir, dead_code_steps=1, **common))
+    assert dist.is_initialized() and dist.get_world_size() == 2, "expected a world of 2 processes"
+    check_identical(result, "restarts")
+    # The adversarial path: a DDP discriminator from step 2 on, the frozen one in the generator step.
+    adversarial = train_tokenizer(TokenizerTrainingConfig(output_dir=f"{output_dir}/adversarial", disc_weight=0.5,
+                                                          disc_start=2, **common))
+    check_identical(adversarial, "adversarial")
     dist.destroy_process_group()
 
 

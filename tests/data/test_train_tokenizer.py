@@ -194,3 +194,16 @@ def test_adversarial_and_perceptual_terms_train(digits, tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for v in second.values())
     state = torch.load(latest_checkpoint(tmp_path / "run") / "training_state.pt", weights_only=True)
     assert "discriminator" in state and "disc_optimizer" in state
+
+
+def test_cli_small_layout_flags(digits, tmp_path):
+    """--ch-mult / --encoder-blocks / --decoder-blocks build a 4x-downsampling tokenizer (16px here)."""
+    out = tmp_path / "small"
+    code = var_prep(["train-tokenizer", "--data-dir", str(digits), "--output-dir", str(out), "--vocab-size", "64",
+                     "--z-channels", "8", "--ch", "32", "--ch-mult", "1,1,2", "--encoder-blocks", "1",
+                     "--decoder-blocks", "1", "--patch-nums", "1,2,4", "--batch-size", "8", "--max-steps", "2",
+                     "--num-workers", "0", "--no-progress", "--no-export-reference"])
+    assert code == 0 and not (out / "vqvae.pth").exists()
+    vae = load_vae(out / "vqvae.safetensors")
+    assert vae.config["ch_mult"] == [1, 1, 2] and vae.resolution == 16
+    assert [r for r in _metrics(out) if "val_mse" in r][-1]["val_mse"] > 0

@@ -6,7 +6,7 @@ downsampling (16 with the released --ch-mult 1,1,2,2,4) x the last patch_num. A 
 (--val-fraction) is scored before and after training.
 
 Outputs in --output-dir:
-  checkpoints/step-XXXXXXXX/   vqvae.safetensors + training_state.pt (resume picks the newest)
+  checkpoints/step-00000100/   vqvae.safetensors + training_state.pt (resume picks the newest)
   metrics.jsonl                per-window losses, codebook usage and perplexity per scale,
                                dead_codes_restarted, images_per_second; val_mse before/after
   vqvae.safetensors            the final model (load with var_train.models.checkpoint_io.load_vae)

@@ -207,3 +207,17 @@ def test_cli_small_layout_flags(digits, tmp_path):
     vae = load_vae(out / "vqvae.safetensors")
     assert vae.config["ch_mult"] == [1, 1, 2] and vae.resolution == 16
     assert [r for r in _metrics(out) if "val_mse" in r][-1]["val_mse"] > 0
+
+
+def test_fine_tuning_starts_from_the_released_layout(digits, tmp_path):
+    from var_train.models.checkpoint_io import save_reference_layout
+
+    torch.manual_seed(1)
+    released = VQVAE(**TINY)
+    path = save_reference_layout(released, tmp_path / "vae_tiny.pth")
+    # lr 0: the run must leave exactly the loaded weights (nothing re-initialised on the way).
+    result = train_tokenizer(_config(digits, tmp_path / "ft", init_from=str(path), max_steps=1, lr=0.0,
+                                     vocab_size=4096, ch=160))  # architecture flags are ignored with init_from
+    loaded = dict(result.model.named_parameters())
+    assert all(torch.equal(loaded[name], p) for name, p in released.named_parameters())
+    assert result.model.config["vocab_size"] == 64

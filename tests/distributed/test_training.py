@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_torchrun
+from tests.conftest import REPO_ROOT, _free_port, run_torchrun
 from tests.training.learnable_shards import make_learnable_shards, make_tiny_vae
 from var_train.checkpoint import latest_checkpoint, read_metadata
 from var_train.preemption import EXIT_CODE_PREEMPTED
@@ -62,12 +68,81 @@ def test_interrupted_run_resumes_exactly_and_on_one_rank(data, tmp_path):
     for step in range(1, 13):
         assert b[step] == pytest.approx(a[step], abs=1e-6), f"step {step}: {b[step]} vs {a[step]}"
 
-    # The 2-rank checkpoint at step 6 continues on a single rank (resharded by DCP).
+    # A real SIGKILL of every process (no signal handler, no final checkpoint, maybe mid-save):
+    # the restart continues from the newest complete checkpoint and replays the same losses.
+    killed = tmp_path / "killed"
+    saved_step, killed_rows = sigkill_after_a_checkpoint(train_args(data, killed, *common))
+    killed_curve = dict(killed_rows)
+    assert killed_curve, "the run was killed before it logged a step past its checkpoint"
+    again = run_torchrun("-m", *train_args(data, killed, *common))
+    assert f"resumed from step {saved_step}" in again.stdout
+    c = losses(killed)
+    assert sorted(c) == list(range(1, 13))
+    for step in range(1, 13):
+        assert c[step] == pytest.approx(a[step], abs=1e-6), f"step {step}: {c[step]} vs {a[step]}"
+    for step, loss in killed_curve.items():  # steps logged after the checkpoint, then redone
+        assert loss == pytest.approx(a[step], abs=1e-6), f"killed run, step {step}"
+
+    # The 2-rank checkpoint at step 8 continues on a single rank (resharded by DCP).
     one_rank = tmp_path / "one_rank"
     (one_rank / "checkpoints").mkdir(parents=True)
-    import shutil
     shutil.copytree(resumed / "checkpoints" / "step-00000008", one_rank / "checkpoints" / "step-00000008")
     proc = run_torchrun("-m", *train_args(data, one_rank, *common), nproc=1)
     assert "on 1 x cpu" in proc.stdout and "resumed from step 8" in proc.stdout
     curve = losses(one_rank)
     assert sorted(curve) == list(range(9, 13)) and all(math.isfinite(v) for v in curve.values())
+
+
+def sigkill_after_a_checkpoint(args: list[str]) -> tuple[int, list[tuple[int, float]]]:
+    """Start a 2-rank run, SIGKILL its whole process group once a checkpoint is complete and later
+    steps are logged; return the newest complete checkpoint's step and the logged (step, loss)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", *args]
+    run_dir = Path(next(a.split("=", 1)[1] for a in args if a.startswith("run.output_dir=")))
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            checkpoint = latest_checkpoint(run_dir / "checkpoints")
+            if checkpoint is not None and last_logged_step(run_dir) > read_metadata(checkpoint)["step"]:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before it could be killed"
+    finally:
+        kill_tree(proc.pid)
+        proc.wait(timeout=60)
+    saved_step = read_metadata(latest_checkpoint(run_dir / "checkpoints"))["step"]
+    assert saved_step < 12
+    return saved_step, [(step, loss) for step, loss in losses(run_dir).items() if step > saved_step]
+
+
+def last_logged_step(run_dir: Path) -> int:
+    try:
+        return max(losses(run_dir), default=0)
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or a line half-written
+        return 0
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once (torchrun starts its workers in their own
+    sessions, so killing its process group alone leaves the ranks running)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    tree = {pid}
+    while True:
+        grown = tree | {child for child, parent in parents.items() if parent in tree}
+        if grown == tree:
+            break
+        tree = grown
+    for member in tree:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -146,3 +146,44 @@ def kill_tree(pid: int) -> None:
             os.kill(member, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_a_signal_to_one_rank_stops_every_rank_with_a_checkpoint(data, tmp_path):
+    """Slurm may signal only some processes: the ranks agree at the next step boundary."""
+    run_dir = tmp_path / "preempted"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m",
+           *train_args(data, run_dir, "optim.max_steps=400", "checkpoint.every_steps=1000")]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and last_logged_step(run_dir) < 3:
+            time.sleep(0.1)
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before it was signalled"
+        rank_one = next(pid for pid in children(proc.pid) if "RANK=1" in environ(pid))
+        os.kill(rank_one, signal.SIGUSR1)
+        output, _ = proc.communicate(timeout=240)
+    finally:
+        kill_tree(proc.pid)
+        proc.wait(timeout=60)
+    assert f"exiting with {EXIT_CODE_PREEMPTED}" in output, output[-3000:]
+    assert output.count(f"exitcode  : {EXIT_CODE_PREEMPTED}") == 2, output[-3000:]  # torchrun's report, both ranks
+    metadata = read_metadata(latest_checkpoint(run_dir / "checkpoints"))
+    assert metadata["world_size"] == 2 and 3 <= metadata["step"] < 400
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def environ(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")

@@ -58,6 +58,10 @@ class MetricLogger:
             tags=list(self.cfg.wandb_tags), config=config_dict, id=self.run_id, resume="allow",
             mode=self.cfg.wandb_mode, dir=str(self.run_dir),
         )
+        # Charts use the trainer's step, not W&B's own counter: after a crash the resumed job
+        # redoes the steps since the last checkpoint, which W&B would drop as going backwards.
+        self._wandb_run.define_metric("trainer/step")
+        self._wandb_run.define_metric("*", step_metric="trainer/step")
 
     def log(self, step: int, metrics: dict[str, float], images: dict | None = None, console: bool = True) -> None:
         if not self.is_main:
@@ -68,12 +72,12 @@ class MetricLogger:
             shown = [_format(k.split("/", 1)[1], metrics[k]) for k in CONSOLE_KEYS if k in metrics]
             print(f"step {step:>7d} | " + " | ".join(shown), file=sys.stdout, flush=True)
         if self._wandb_run is not None:
-            payload = dict(metrics)
+            payload = {"trainer/step": step, **metrics}
             if images:
                 import wandb
                 for name, (image, caption) in images.items():
                     payload[name] = wandb.Image(image, caption=caption)
-            self._wandb_run.log(payload, step=step)
+            self._wandb_run.log(payload)
 
     def message(self, text: str) -> None:
         if self.is_main:

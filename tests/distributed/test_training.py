@@ -94,7 +94,7 @@ def test_interrupted_run_resumes_exactly_and_on_one_rank(data, tmp_path):
 
 
 def sigkill_after_a_checkpoint(args: list[str]) -> tuple[int, list[tuple[int, float]]]:
-    """Start a 2-rank run, SIGKILL its whole process group once a checkpoint is complete and later
+    """Start a 2-rank run, SIGKILL its whole process tree once a checkpoint is complete and later
     steps are logged; return the newest complete checkpoint's step and the logged (step, loss)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}

@@ -1,13 +1,10 @@
-"""Training throughput from token shards: overhead outside the model, and against the reference's way.
+"""End-to-end training images/s from token shards against the reference's way of training.
 
-  python benchmarks/bench_training.py overhead --recipe recipes/demo.yaml --steps 30
-  python benchmarks/bench_training.py vs-reference --depth 6 --batch 4 --steps 3
+  python benchmarks/bench_training.py --depth 6 --batch 4 --steps 3
 
-`overhead`: the Trainer's own step (loader, teacher input, logging statistics, the all-reduce)
-against the bare forward/backward/optimizer on one pre-fetched batch, in one process, same run:
-the share of step time spent outside the model and optimizer.
-`vs-reference`: end-to-end images/s at 256px of (a) our step fed from token shards and (b) the
-reference's way, which encodes every batch with the ch160 VQVAE encoder before the same step.
+(a) the Trainer's full step (loader, teacher input, model, optimizer) fed from 256px token
+shards; (b) the reference's way, which encodes every batch with the ch160 VQVAE encoder before
+the same step. The share of step time outside the model is `bench_train_overhead.py`'s job.
 """
 
 from __future__ import annotations
@@ -33,6 +30,7 @@ def synthetic_shards(out: Path, patch_nums, vocab_size: int, num_classes: int, r
     from var_train.data.manifest import Manifest, ShardInfo, write_manifest
     from var_train.data.records import TokenRecord
 
+    out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     length = sum(p * p for p in patch_nums)
     shards, per_shard = [], 1000
@@ -65,51 +63,11 @@ def build_trainer(overrides: list[str], recipe: str, workdir: Path, records: int
     return Trainer(cfg)
 
 
-def bare_step(trainer, batch):
-    """Forward, backward, clip, optimizer: what the trainer cannot avoid."""
-    from var_train.loss import token_loss
-
-    engine = trainer.engine
-    teacher_input = trainer.quantizer.tokens_to_teacher_input(batch.tokens_per_scale)
-    targets = torch.cat(batch.tokens_per_scale, 1)
-
-    def step():
-        for _ in range(trainer.accumulation):
-            with engine.autocast():
-                logits = engine.model(batch.labels, teacher_input)
-            engine.backward(token_loss(logits, targets, trainer.patch_nums).loss / trainer.accumulation, True)
-        engine.clip_grad_norm(trainer.cfg.optim.clip_grad_norm)
-        engine.optimizer_step()
-        engine.zero_grad()
-    return step
-
-
 def timed(fn, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
         fn()
     return (time.perf_counter() - start) / steps
-
-
-def cmd_overhead(args):
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = build_trainer(args.overrides, args.recipe, Path(tmp), records=args.records)
-        trainer.engine.unwrapped_model.train()
-        batch = trainer._next_batch()
-        bare = bare_step(trainer, batch)
-        bare()
-        trainer.train_step()  # warm up the loader workers
-        full_times, bare_times = [], []
-        for _ in range(args.rounds):  # interleaved, so load changes hit both alike
-            full_times.append(timed(trainer.train_step, args.steps))
-            bare_times.append(timed(bare, args.steps))
-        full, bare_s = sorted(full_times)[len(full_times) // 2], sorted(bare_times)[len(bare_times) // 2]
-        trainer.logger.close()
-    print(f"machine: {machine()}")
-    print(f"recipe {args.recipe} {' '.join(args.overrides)}: {trainer.cfg.optim.global_batch_size} images/step, "
-          f"engine {trainer.cfg.parallel.engine}, world size {trainer.world_size}")
-    print(f"trainer step {full * 1e3:.1f} ms, bare forward/backward/optimizer {bare_s * 1e3:.1f} ms")
-    print(f"outside the model and optimizer (data, teacher input, statistics): {max(0.0, 1 - bare_s / full):.1%}")
 
 
 def cmd_vs_reference(args):
@@ -141,19 +99,10 @@ def cmd_vs_reference(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    overhead = sub.add_parser("overhead")
-    overhead.add_argument("--recipe", default="recipes/demo.yaml")
-    overhead.add_argument("--steps", type=int, default=10)
-    overhead.add_argument("--rounds", type=int, default=3)
-    overhead.add_argument("--records", type=int, default=4096)
-    overhead.add_argument("overrides", nargs="*")
-    versus = sub.add_parser("vs-reference")
-    versus.add_argument("--depth", type=int, default=6)
-    versus.add_argument("--batch", type=int, default=4)
-    versus.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
-    {"overhead": cmd_overhead, "vs-reference": cmd_vs_reference}[args.command](args)
+    parser.add_argument("--depth", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
+    cmd_vs_reference(parser.parse_args())
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ HELP = "the end-to-end demo on scikit-learn's digits (about ten minutes on a CPU
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     parser.add_argument("--nproc", type=int, default=2, help="training processes (default 2)")
-    parser.add_argument("--tokenizer-minutes", type=float, default=2.5,
-                        help="time budget of tokenizer training (default 2.5)")
+    parser.add_argument("--tokenizer-minutes", type=float, default=2.0,
+                        help="time budget of tokenizer training (default 2.0)")
     parser.add_argument("--samples-per-class", type=int, default=20, help="evaluation samples per class (default 20)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",

@@ -73,7 +73,8 @@ def timed(fn, steps: int) -> float:
 def cmd_vs_reference(args):
     from var_train.models import VQVAE
 
-    overrides = [f"model.depth={args.depth}", "model.patch_nums=[1,2,3,4,5,6,8,10,13,16]",
+    overrides = [f"model.depth={args.depth}", f"model.embed_dim={64 * args.depth}", f"model.num_heads={args.depth}",
+                 "model.alng=null", "model.patch_nums=[1,2,3,4,5,6,8,10,13,16]",
                  "model.vocab_size=4096", "model.z_channels=32", "model.num_classes=1000",
                  f"optim.global_batch_size={args.batch}", f"optim.micro_batch_size={args.batch}",
                  "parallel.engine=ddp", "parallel.precision=fp32", "data.num_workers=1"]

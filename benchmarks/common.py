@@ -33,11 +33,7 @@ def time_it(fn, device: torch.device, warmup: int = 1, repeats: int = 3) -> floa
     return sorted(times)[len(times) // 2]
 
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
 def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    from var_train.train import peak_flops as trainer_peak_flops  # one table of peak FLOP/s
+
+    return trainer_peak_flops(device)

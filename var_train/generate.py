@@ -56,8 +56,7 @@ def generate_images(var: VAR, vae: VQVAE, labels: torch.Tensor, *, cfg: float = 
         with autocast_for(device, precision):
             tokens = sample_tokens(var, vae.quantize, batch_labels, cfg=cfg, top_k=top_k, top_p=top_p,
                                    generator=generator)
-        pixels = vae.tokens_to_image(tokens).float().add(1).mul(127.5).round().clamp(0, 255)
-        images.append(pixels.to(torch.uint8).cpu())
+        images.append(vae.tokens_to_uint8_image(tokens).cpu())
         bar.update(len(batch_labels))
     bar.close()
     return torch.cat(images) if images else torch.empty(0, 3, vae.resolution, vae.resolution, dtype=torch.uint8)

@@ -136,16 +136,15 @@ class Trainer:
 
     # -- data --------------------------------------------------------------------------------------
     def _next_batch(self):
-        # DataLoader start-up draws a seed from the global RNG; fork it so that a resumed run,
-        # which starts its iterator at another moment, keeps the same random stream.
-        with torch.random.fork_rng(devices=[]):
-            while True:
-                if self._batches is None:
-                    self._batches = iter(self.loader)
-                try:
-                    return next(self._batches).to(self.device)
-                except StopIteration:
-                    self._batches = None
+        # The loader seeds its workers from its own generator, so iterating never draws from the
+        # global RNG: a resumed run keeps the same random stream (label dropout, drop-path).
+        while True:
+            if self._batches is None:
+                self._batches = iter(self.loader)
+            try:
+                return next(self._batches).to(self.device)
+            except StopIteration:
+                self._batches = None
 
     # -- one optimizer step ----------------------------------------------------------------------------
     def train_step(self) -> dict[str, torch.Tensor]:

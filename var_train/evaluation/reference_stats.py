@@ -144,9 +144,7 @@ def token_shard_batches(shards_dir: str | Path, vae, batch_size: int, rank: int 
 
     def decode(rows: list[np.ndarray]) -> torch.Tensor:
         tokens = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
-        with torch.no_grad():
-            images = vae.tokens_to_image(list(tokens.split(sizes, dim=1)))
-        return images.float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).cpu()
+        return vae.tokens_to_uint8_image(list(tokens.split(sizes, dim=1))).cpu()
 
     for shard in manifest.shards[rank::world_size]:
         for sample in iter_tar_samples(Path(shards_dir) / shard.name):

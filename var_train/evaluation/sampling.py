@@ -105,8 +105,7 @@ def generate_batch(var: VAR, quantizer, vae, labels: torch.Tensor, *, cfg: float
     rows = len(labels) if decode_rows is None else decode_rows
     if rows == 0:
         return torch.empty(0, 3, vae.resolution, vae.resolution, dtype=torch.uint8, device=device)
-    pixels = vae.tokens_to_image([t[:rows] for t in tokens])  # decoded in fp32, as `var-train sample`
-    return pixels.float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+    return vae.tokens_to_uint8_image([t[:rows] for t in tokens])  # decoded in fp32, as `var-train sample`
 
 
 def batch_generator(device: torch.device, seed: int, batch_key: int) -> torch.Generator:

@@ -215,6 +215,11 @@ class VQVAE(nn.Module):
         """Token ids -> image in [-1, 1]; `num_scales` < K decodes a coarse preview of the first scales."""
         return self.features_to_image(self.quantize.tokens_to_features(tokens_per_scale, num_scales))
 
+    @torch.no_grad()
+    def tokens_to_uint8_image(self, tokens_per_scale: list[torch.Tensor]) -> torch.Tensor:
+        """Token ids -> (B, 3, H, W) uint8 in [0, 255], rounded: what PNGs and feature extractors take."""
+        return self.tokens_to_image(tokens_per_scale).float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
     def forward(self, images: torch.Tensor) -> VQVAEOutput:
         quantized = self.quantize(self.encode_features(images))
         reconstruction = self.decoder(self.post_quant_conv(quantized.features))

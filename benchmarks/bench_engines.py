@@ -70,10 +70,11 @@ def bench_engine(name: str, args, info) -> dict:
     targets = torch.randint(0, model.vocab_size, (args.micro_batch, tokens), device=info.device)
 
     def step() -> None:
-        with engine.autocast():
-            logits = engine.model(labels, teacher_input)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        engine.backward(loss, sync_gradients=True)
+        with engine.micro_batch(sync=True):
+            with engine.autocast():
+                logits = engine.model(labels, teacher_input)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            engine.backward(loss)
         engine.clip_grad_norm(2.0)
         engine.optimizer_step()
         engine.zero_grad()

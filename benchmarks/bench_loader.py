@@ -3,9 +3,13 @@
 Writes synthetic shards in the real record format (L = 680 uint16 tokens, with the flipped
 variant, random class of 1000) to a temporary folder, then times full epochs of
 `build_token_loader` for several DataLoader worker counts. Also prints the bytes a record takes
-on disk.
+on disk. `--readers` compares the sources a training run can read (var_train/data/sources.py):
+`local` (the fast tar reader on the folder), `http` (the folder served by `python -m http.server`
+on 127.0.0.1, read with WebDataset's gopen (curl) and its streaming tar iterator) and `pipe`
+(`pipe:cat .../shard-{...}.tar`, same reader). The server's own CPU is not counted.
 
   PYTHONPATH=. python benchmarks/bench_loader.py --records 60000 --batch-size 256
+  PYTHONPATH=. python benchmarks/bench_loader.py --readers local,http,pipe --workers 0,2
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -64,6 +71,7 @@ def main() -> None:
     parser.add_argument("--workers", default="0,1,2", help="DataLoader worker counts to time")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--no-flip", action="store_true")
+    parser.add_argument("--readers", default="local", help="comma list of local, http, pipe")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,22 +82,44 @@ def main() -> None:
         disk = sum(p.stat().st_size for p in out.glob("shard-*.tar"))
         print(f"wrote {args.records} records in {written:.1f} s; {disk / args.records:.0f} bytes/record on disk "
               f"({'with' if not args.no_flip else 'without'} tokens_flip)")
-        for workers in [int(w) for w in args.workers.split(",")]:
-            loader = build_token_loader(out, batch_size=args.batch_size, patch_nums=PATCH_NUMS, vocab_size=4096,
-                                        num_classes=1000, rank=0, world_size=1, num_workers=workers)
-            rates, cpu_rates, main_rates = [], [], []
-            for _ in range(args.epochs):
-                started, cpu_started, main_started, samples = time.perf_counter(), _cpu_seconds(), time.process_time(), 0
-                for batch in loader:
-                    samples += len(batch)
-                rates.append(samples / (time.perf_counter() - started))
-                cpu_rates.append(samples / (_cpu_seconds() - cpu_started))
-                main_rates.append(samples / (time.process_time() - main_started))
-            print(f"num_workers={workers}: {max(rates):,.0f} samples/s wall (best of {args.epochs} epochs), "
-                  f"{max(cpu_rates):,.0f} samples per CPU-second (loader process + its workers), "
-                  f"{max(main_rates):,.0f} per CPU-second of the training process itself, "
-                  f"batch_size {args.batch_size}, L=680, cpus={os.cpu_count()}, "
-                  f"load average {os.getloadavg()[0]:.1f}")
+        readers = args.readers.split(",")
+        server, port = None, None
+        if "http" in readers:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                                       "--directory", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)
+        last = shard_name(-(-args.records // args.shard_size) - 1).split("-")[1].split(".")[0]
+        sources = {"local": str(out), "http": f"http://127.0.0.1:{port}",
+                   "pipe": f"pipe:cat {out}/shard-{{000000..{last}}}.tar"}
+        try:
+            for reader in readers:
+                for workers in [int(w) for w in args.workers.split(",")]:
+                    _time_loader(sources[reader], reader, workers, args)
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait(timeout=10)
+
+
+def _time_loader(source: str, reader: str, workers: int, args) -> None:
+    loader = build_token_loader(source, batch_size=args.batch_size, patch_nums=PATCH_NUMS, vocab_size=4096,
+                                num_classes=1000, rank=0, world_size=1, num_workers=workers)
+    rates, cpu_rates, main_rates = [], [], []
+    for _ in range(args.epochs):
+        started, cpu_started, main_started, samples = time.perf_counter(), _cpu_seconds(), time.process_time(), 0
+        for batch in loader:
+            samples += len(batch)
+        rates.append(samples / (time.perf_counter() - started))
+        cpu_rates.append(samples / (_cpu_seconds() - cpu_started))
+        main_rates.append(samples / (time.process_time() - main_started))
+    print(f"{reader:5s} num_workers={workers}: {max(rates):,.0f} samples/s wall (best of {args.epochs} epochs), "
+          f"{max(cpu_rates):,.0f} samples per CPU-second (loader process + its workers), "
+          f"{max(main_rates):,.0f} per CPU-second of the training process itself, "
+          f"batch_size {args.batch_size}, L=680, cpus={os.cpu_count()}, "
+          f"load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

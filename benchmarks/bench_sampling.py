@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine, time_it  # noqa: E402
 from var_train.evaluation.classifier import ClassifierConfig, ClassifierFeatureExtractor  # noqa: E402
-from var_train.evaluation.features import InceptionFeatureExtractor  # noqa: E402
+from var_train.evaluation.inception import InceptionFeatureExtractor  # noqa: E402
 from var_train.models import VAR, VQVAE, sample_tokens  # noqa: E402
 
 CONFIGS = {

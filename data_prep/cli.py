@@ -1,25 +1,28 @@
-"""`var-prep`: prepare data for var_train (token extraction, tokenizer training, demo data)."""
+"""`var-prep`: prepare data for var_train (token extraction, tokenizer training, demo data).
+
+User errors print one line `error: ...` and exit 2 (`--debug` or VAR_TRAIN_DEBUG=1 for the
+traceback), exactly as in `var-train`: both use var_train.command_line.
+"""
 
 from __future__ import annotations
 
 import sys
 
-from var_train.cli import build_parser
+from var_train.command_line import run_command_line
 
 SUBCOMMAND_MODULES: list[str] = [
     "data_prep.commands.extract",
     "data_prep.commands.demo_data",
     "data_prep.commands.train_tokenizer",
+    "data_prep.commands.verify",
 ]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(
+    return run_command_line(
         "var-prep", SUBCOMMAND_MODULES,
-        "Prepare data for var_train: tokenize images into shards, train the tokenizer, make demo data.",
+        "Prepare data for var_train: tokenize images into shards, train the tokenizer, make demo data.", argv,
     )
-    args = parser.parse_args(argv)
-    return int(args.run(args) or 0)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,8 +35,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import var_train
-from var_train.data.manifest import Manifest, ShardInfo, write_json_atomic, write_manifest
+from var_train.compatibility import vae_fingerprint
+from var_train.data.loader import ignore_stop_signals
+from var_train.data.manifest import Manifest, ShardInfo, file_sha256, write_json_atomic, write_manifest
 from var_train.data.records import MAX_VOCAB_SIZE, TOKEN_DTYPE, TokenRecord
+from var_train.errors import ConfigError, MismatchError, MissingInputError
+from var_train.models.quantizer import DEFAULT_PATCH_NUMS
+from var_train.parallel.distributed import barrier as _barrier, init_distributed, launcher_ranks
 
 from .image_sources import SourceItem, SourceList, list_sources
 from .preprocess import BadImage, ReferenceTransform, decode_image
@@ -45,7 +49,6 @@ from .shards import shard_name, write_shard
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 CONFIG_NAME = "extract_config.json"
 REPORT_NAME = "report.json"
 TOOL = "var-prep extract"
@@ -65,7 +68,7 @@ class ExtractConfig:
     shard_size: int = 5000
     batch_size: int = 64
     num_workers: int = 4
-    min_size: int = 32
+    min_size: int = 0                  # > 0: skip images whose shorter side is smaller (opt-in)
     input_format: str = "auto"
     num_classes: int | None = None
     device: str = "auto"
@@ -94,27 +97,17 @@ class ExtractionSummary:
 
 # -- distributed ---------------------------------------------------------------------------------
 def _init_distributed() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's or Slurm's environment; 1 process otherwise.
+    """(rank, world_size, local_rank), with the project's one set of launcher rules
+    (`var_train.parallel.distributed`); a single process joins no group.
 
     Ranks only need a barrier at the end (no tensors travel), so the group is gloo on every device;
     its timeout is long because ranks may finish hours apart on unevenly sized inputs.
     """
-    env = os.environ
-    if "RANK" not in env and "SLURM_PROCID" in env and "MASTER_ADDR" in env:
-        env.setdefault("RANK", env["SLURM_PROCID"])
-        env.setdefault("WORLD_SIZE", env.get("SLURM_NTASKS", "1"))
-        env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
-    world_size = int(env.get("WORLD_SIZE", "1"))
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=timedelta(hours=48))
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(env.get("LOCAL_RANK", "0"))
+    _, world_size, _ = launcher_ranks()
+    if world_size > 1 or dist.is_initialized():
+        info = init_distributed(backend="gloo", timeout=timedelta(hours=48))
+        return info.rank, info.world_size, info.local_rank
     return 0, 1, 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _pick_device(requested: str, local_rank: int) -> torch.device:
@@ -126,14 +119,6 @@ def _pick_device(requested: str, local_rank: int) -> torch.device:
 
 
 # -- bookkeeping files -----------------------------------------------------------------------------
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _chunk_hash(items: list[SourceItem]) -> str:
     digest = hashlib.sha256()
     for item in items:
@@ -162,7 +147,7 @@ def _check_or_write_run_config(out: Path, settings: dict, rank: int) -> None:
         differences = [f"{k}: existing {existing.get(k)!r}, now {v!r}" for k, v in settings.items()
                        if existing.get(k) != v]
         if differences:
-            raise ValueError(f"{out} holds shards extracted with other settings; use a new --out or the same "
+            raise MismatchError(f"{out} holds shards extracted with other settings; use a new --out or the same "
                              f"settings:\n  " + "\n  ".join(differences))
     elif rank == 0:
         write_json_atomic(path, settings)
@@ -223,9 +208,11 @@ class _ShardAccumulator:
         self.pending = len(items)
 
     def finish(self) -> int:
-        write_shard(self.out / shard_name(self.index), self.records)
+        path = self.out / shard_name(self.index)
+        write_shard(path, self.records)
         write_json_atomic(_sidecar_path(self.out, self.index), {
             "shard": shard_name(self.index), "num_records": len(self.records),
+            "num_bytes": path.stat().st_size, "sha256": file_sha256(path),  # -> manifest; checked by the loader
             "num_inputs": len(self.items), "inputs_sha256": _chunk_hash(self.items),
             "skipped": self.skipped, "converted_modes": dict(self.converted),
         })
@@ -242,7 +229,7 @@ def _pending_shards(out: Path, items: list[SourceItem], rank: int, world_size: i
         if sidecar is None:
             todo.append(index)
         elif sidecar.get("inputs_sha256") != _chunk_hash(chunk):
-            raise ValueError(f"{out / shard_name(index)} was made from other inputs than now; use a new --out")
+            raise MismatchError(f"{out / shard_name(index)} was made from other inputs than now; use a new --out")
     return todo
 
 
@@ -270,7 +257,8 @@ def _extract_shards(todo: list[int], items: list[SourceItem], out: Path, vae, tr
     loader = DataLoader(_ImageItems(items, transform, config.min_size),
                         batch_sampler=_shard_batches(todo, size, len(items), config.batch_size),
                         num_workers=config.num_workers, collate_fn=_keep_list,
-                        pin_memory=device.type == "cuda", prefetch_factor=4 if config.num_workers else None)
+                        pin_memory=device.type == "cuda", prefetch_factor=4 if config.num_workers else None,
+                        worker_init_fn=ignore_stop_signals)
     shards = {index: _ShardAccumulator(out, index, items[index * size:(index + 1) * size]) for index in todo}
     bar = tqdm(total=sum(len(s.items) for s in shards.values()), unit="img", dynamic_ncols=True,
                desc=f"extract rank {rank}" if world_size > 1 else "extract",
@@ -310,31 +298,34 @@ def extract_tokens(config: ExtractConfig) -> ExtractionSummary:
     started = time.time()
     rank, world_size, local_rank = _init_distributed()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     patch_nums = tuple(int(p) for p in config.patch_nums)
     for name in ("shard_size", "batch_size", "crops"):
         if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if config.min_size < 0:
+        raise ConfigError(f"--min-size must be 0 (keep every decodable image) or more, got {config.min_size}")
     if not Path(config.vae).is_file():
-        raise FileNotFoundError(f"VQVAE checkpoint not found: {config.vae}")
+        raise MissingInputError(f"VQVAE checkpoint not found: {config.vae}")
     vae = load_vae(config.vae, patch_nums=patch_nums)
     if config.resolution != vae.resolution:
-        raise ValueError(f"--resolution {config.resolution} does not match the VQVAE: it downsamples "
+        raise MismatchError(f"--resolution {config.resolution} does not match the VQVAE: it downsamples "
                          f"{vae.downsample}x, so --patch-nums {patch_nums} need resolution {vae.resolution}")
 
     sources: SourceList = list_sources(config.source, config.input_format, config.num_classes)
     items = sources.items
     if not items:
-        raise ValueError(f"no images found in {config.source} ({len(sources.skipped)} other files skipped)")
+        raise MissingInputError(f"no images found in {config.source} ({len(sources.skipped)} other files skipped)")
     if config.shuffle:
         items = [items[i] for i in np.random.default_rng(config.seed).permutation(len(items))]
     num_shards = -(-len(items) // config.shard_size)
     vae_sha256 = file_sha256(config.vae)
+    vae_codebook_sha256 = vae_fingerprint(vae.state_dict())  # recognises a re-saved copy of this VAE
     transform = ReferenceTransform(config.resolution, config.crops, config.seed)
     settings = {"source": sources.description, "num_inputs": len(items), "inputs_sha256": _chunk_hash(items),
                 "vae_sha256": vae_sha256, "resolution": config.resolution, "patch_nums": list(patch_nums),
                 "flip": config.flip, "crops": config.crops, "seed": config.seed, "shuffle": config.shuffle,
                 "shard_size": config.shard_size, "min_size": config.min_size}
+    out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known good: a failed start leaves nothing
     _check_or_write_run_config(out, settings, rank)
 
     device = _pick_device(config.device, local_rank)
@@ -357,14 +348,14 @@ def extract_tokens(config: ExtractConfig) -> ExtractionSummary:
                                 seconds=time.time() - started, rank=rank, world_size=world_size)
     if complete:
         manifest = _finalize(out, num_shards, sources, config, patch_nums, vocab_size, vae_sha256, transform,
-                             write=rank == 0)
+                             write=rank == 0, vae_codebook_sha256=vae_codebook_sha256)
         summary.num_records, summary.skipped_reasons = manifest.num_records, manifest.skipped
     _barrier()
     return summary
 
 
 def _finalize(out: Path, num_shards: int, sources: SourceList, config: ExtractConfig, patch_nums, vocab_size: int,
-              vae_sha256: str, transform: ReferenceTransform, write: bool) -> Manifest:
+              vae_sha256: str, transform: ReferenceTransform, write: bool, vae_codebook_sha256: str = "") -> Manifest:
     """Aggregate the sidecars into report.json and manifest.json (written by rank 0 only, manifest last)."""
     sidecars = [_read_sidecar(out, i) for i in range(num_shards)]
     skipped = list(sources.skipped) + [s for sidecar in sidecars for s in sidecar["skipped"]]
@@ -374,11 +365,13 @@ def _finalize(out: Path, num_shards: int, sources: SourceList, config: ExtractCo
         converted.update(sidecar["converted_modes"])
     manifest = Manifest(
         num_records=sum(s["num_records"] for s in sidecars), num_shards=num_shards,
-        shards=[ShardInfo(s["shard"], s["num_records"]) for s in sidecars],
+        shards=[ShardInfo(s["shard"], s["num_records"], s.get("num_bytes", -1), s.get("sha256", ""))
+                for s in sidecars],
         num_classes=len(sources.class_names), class_names=list(sources.class_names),
         resolution=config.resolution, patch_nums=list(patch_nums), vocab_size=vocab_size,
         num_tokens=sum(p * p for p in patch_nums), has_flip=config.flip, num_crops=config.crops,
-        vae_sha256=vae_sha256, vae_path=str(config.vae), preprocessing=transform.describe(),
+        vae_sha256=vae_sha256, vae_path=str(config.vae), vae_codebook_sha256=vae_codebook_sha256,
+        preprocessing=transform.describe(),
         source={**sources.description, "shuffled_with_seed": config.seed if config.shuffle else None},
         skipped=dict(reasons), tool=TOOL, tool_version=var_train.__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

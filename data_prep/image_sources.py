@@ -9,7 +9,9 @@ Three kinds of input, chosen by `detect_format` or `--input-format`:
 - `wds`: WebDataset tars of images with a `cls` member: one `.tar`, a folder of them, or a brace
   pattern (`shards/train-{0000..0127}.tar`). Members are read by offset, so any item can be
   fetched without scanning its tar again.
-Files that are not images by extension are listed as skipped (with a reason), never silently lost.
+Files that are not images by extension are listed as skipped (with a reason), never silently lost;
+so are symbolic-link loops and files reached twice (each real folder is walked once and each real
+file listed once, by resolved path).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from var_train.data.images import IMAGE_EXTENSIONS, class_folders, is_image_file
 from var_train.data.records import safe_key
+from var_train.errors import ConfigError, MissingInputError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 WDS_IMAGE_EXTENSIONS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 
 
@@ -64,7 +67,7 @@ def detect_format(source: str) -> str:
         if any(e.suffix == ".tar" and e.is_file() for e in entries) and not any(e.is_dir() for e in entries):
             return "wds"
         return "imagefolder"
-    raise FileNotFoundError(f"input not found or not understood: {source} (expected an ImageFolder directory, "
+    raise MissingInputError(f"input not found or not understood: {source} (expected an ImageFolder directory, "
                             f"a .csv/.jsonl list, or WebDataset .tar files)")
 
 
@@ -78,24 +81,78 @@ def _with_keys(entries: list[tuple[str, int, str, str, int, int]]) -> list[Sourc
             for index, (name, label, path, origin, offset, size) in enumerate(entries)]
 
 
+def _walk_class_folders(root: Path, class_dirs: list[Path]) -> tuple[list[tuple[str, int, bool]], list[dict]]:
+    """Every file under the class folders once: -> ([(path, label, reached through a link)], skipped).
+
+    Real folders are walked first; symbolic links to folders are followed afterwards, each real
+    folder at most once (by resolved path), so `a/uplink -> ..` neither loops nor re-lists another
+    class's images under the wrong label: a link to a folder above it is reported as a loop, a link
+    to a folder already listed as a duplicate. Broken links are reported too.
+    """
+    real_root = os.path.realpath(root)
+    seen = {real_root: str(root)}
+    seen.update({os.path.realpath(d): str(d) for d in class_dirs})
+    files, skipped = [], []
+    pending_links = []  # (link path, label, real paths of the folders above it)
+
+    def visit(folder: str, label: int, ancestors: frozenset, via_link: bool) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as error:
+            skipped.append({"source": folder, "reason": f"cannot list folder: {error.strerror or error}"})
+            return
+        for entry in entries:
+            path = os.path.join(folder, entry.name)
+            try:
+                is_link, is_dir, is_file = entry.is_symlink(), entry.is_dir(), entry.is_file()
+            except OSError:
+                is_link, is_dir, is_file = True, False, False
+            if is_dir and is_link:
+                pending_links.append((path, label, ancestors))
+            elif is_dir:
+                real = os.path.realpath(path)
+                seen.setdefault(real, path)
+                visit(path, label, ancestors | {real}, via_link)
+            elif is_file:
+                files.append((path, label, via_link or is_link))
+            elif is_link:
+                skipped.append({"source": path, "reason": "broken symbolic link"})
+
+    for label, class_dir in enumerate(class_dirs):
+        visit(str(class_dir), label, frozenset({real_root, os.path.realpath(class_dir)}), False)
+    while pending_links:
+        path, label, ancestors = pending_links.pop(0)
+        real = os.path.realpath(path)
+        if real in ancestors:
+            skipped.append({"source": path, "reason": f"symlink loop: points to {real}, a folder above it (not followed)"})
+        elif real in seen:
+            skipped.append({"source": path, "reason": f"duplicate folder: same as {seen[real]} (listed once)"})
+        else:
+            seen[real] = path
+            visit(path, label, ancestors | {real}, True)
+    return files, skipped
+
+
 def list_image_folder(root: str | Path) -> SourceList:
     root = Path(root)
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not class_dirs:
-        raise ValueError(f"{root} has no class subfolders (an ImageFolder has one folder per class)")
+    class_dirs = class_folders(root)
     entries, skipped = [], []
     for loose in sorted(p for p in root.iterdir() if p.is_file()):
         skipped.append({"source": str(loose), "reason": "file outside any class folder"})
-    for label, class_dir in enumerate(class_dirs):
-        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-            dirnames.sort()
-            for filename in sorted(filenames):
-                path = os.path.join(dirpath, filename)
-                relative = os.path.relpath(path, root)
-                if filename.lower().endswith(IMAGE_EXTENSIONS):
-                    entries.append((relative, label, path, path, -1, -1))
-                else:
-                    skipped.append({"source": path, "reason": "not an image file extension"})
+    files, walk_skipped = _walk_class_folders(root, class_dirs)
+    skipped += walk_skipped
+    # Files once by resolved path: a file reached directly wins over one reached through a link.
+    first_by_real: dict[str, str] = {}
+    for path, label, via_link in sorted(files, key=lambda f: (f[2], f[1], f[0])):
+        if not is_image_file(path):
+            skipped.append({"source": path, "reason": "not an image file extension"})
+            continue
+        real = os.path.realpath(path)
+        if real in first_by_real:
+            skipped.append({"source": path, "reason": f"duplicate file: same as {first_by_real[real]} (listed once)"})
+            continue
+        first_by_real[real] = path
+        entries.append((os.path.relpath(path, root), label, path, path, -1, -1))
     entries.sort(key=lambda e: (e[1], e[0]))
     return SourceList(_with_keys(entries), [d.name for d in class_dirs], skipped,
                       {"format": "imagefolder", "root": str(root)})
@@ -106,7 +163,7 @@ def _labels_to_ids(raw_labels: list[str], num_classes: int | None) -> tuple[list
         ids = [int(label) for label in raw_labels]
         count = num_classes or (max(ids) + 1 if ids else 0)
         if ids and (min(ids) < 0 or max(ids) >= count):
-            raise ValueError(f"class ids must lie in [0, {count}), found {min(ids)}..{max(ids)}")
+            raise ConfigError(f"class ids must lie in [0, {count}), found {min(ids)}..{max(ids)}")
         return ids, [str(i) for i in range(count)]
     names = sorted(set(label.strip() for label in raw_labels))
     index = {name: i for i, name in enumerate(names)}
@@ -123,14 +180,14 @@ def list_from_file(list_path: str | Path, num_classes: int | None = None) -> Sou
                     row = json.loads(line)
                     rows.append((str(row["path"]), str(row["label"])))
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{list_path}:{number}: expected {{\"path\": ..., \"label\": ...}} ({e})") from None
+                    raise ConfigError(f"{list_path}:{number}: expected {{\"path\": ..., \"label\": ...}} ({e})") from None
     else:
         with open(list_path, newline="") as f:
             for number, row in enumerate(csv.reader(f), 1):
                 if not row or not "".join(row).strip():
                     continue
                 if len(row) < 2:
-                    raise ValueError(f"{list_path}:{number}: expected 'path,label', got {row}")
+                    raise ConfigError(f"{list_path}:{number}: expected 'path,label', got {row}")
                 if number == 1 and row[0].strip().lower() == "path":
                     continue  # header
                 rows.append((row[0].strip(), row[1].strip()))
@@ -156,10 +213,10 @@ def list_webdataset(source: str, num_classes: int | None = None) -> SourceList:
     entries, raw_labels, skipped = [], [], []
     tars = _expand_tars(source)
     if not tars:
-        raise FileNotFoundError(f"no .tar files found for {source}")
+        raise MissingInputError(f"no .tar files found for {source}")
     for tar_path in tars:
         if not os.path.isfile(tar_path):
-            raise FileNotFoundError(f"input tar not found: {tar_path}")
+            raise MissingInputError(f"input tar not found: {tar_path}")
         samples: dict[str, dict] = {}
         order: list[str] = []
         try:
@@ -206,9 +263,9 @@ def list_sources(source: str, input_format: str = "auto", num_classes: int | Non
     elif input_format == "wds":
         sources = list_webdataset(source, num_classes)
     else:
-        raise ValueError(f"unknown input format {input_format!r} (auto, imagefolder, list, wds)")
+        raise ConfigError(f"unknown input format {input_format!r} (auto, imagefolder, list, wds)")
     if num_classes is not None and num_classes < len(sources.class_names):
-        raise ValueError(f"--num-classes {num_classes} is smaller than the {len(sources.class_names)} classes found")
+        raise ConfigError(f"--num-classes {num_classes} is smaller than the {len(sources.class_names)} classes found")
     if num_classes is not None and num_classes > len(sources.class_names):
         sources.class_names += [str(i) for i in range(len(sources.class_names), num_classes)]
     return sources

@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-RESIZE_RATIO = 1.125
+from var_train.data.images import RESIZE_RATIO
 
 
 class BadImage(Exception):

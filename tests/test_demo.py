@@ -2,7 +2,7 @@
 
 import json
 
-from var_train.demo import DemoConfig, run_demo
+from var_train.cli.demo_pipeline import DemoConfig, run_demo
 
 
 def test_demo_pipeline_runs_end_to_end(tmp_path):

@@ -12,7 +12,8 @@ from __future__ import annotations
 import signal
 
 import torch
-import torch.distributed as dist
+
+from var_train.parallel.distributed import all_reduce_max
 
 EXIT_CODE_PREEMPTED = 42
 EXIT_CODE_NONFINITE = 43  # too many consecutive non-finite steps: not worth requeueing
@@ -40,6 +41,4 @@ class PreemptionHandler:
     def should_stop(self, device: torch.device) -> bool:
         """Collective: True on every rank if any rank received a signal."""
         flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(all_reduce_max(flag).item())

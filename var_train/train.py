@@ -8,23 +8,31 @@ the checkpointer or the evaluator is collective: all ranks run the same sequence
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from var_train.checkpoint import Checkpointer
-from var_train.config import TrainConfig
+from var_train.compatibility import check_resume_before_writing, check_training_inputs
+from var_train.config import ConfigError, TrainConfig
 from var_train.data import build_token_loader
 from var_train.logging import MetricLogger
 from var_train.loss import token_loss
-from var_train.models import VAR, default_alng
-from var_train.models.checkpoint_io import load_quantizer, load_state_dict_strict, read_checkpoint
+from var_train.models import VAR
+from var_train.models.adapt import WarmStartReport, warm_start
+from var_train.models.freezing import freeze_parameters
+from var_train.models.checkpoint_io import load_quantizer, read_checkpoint
 from var_train.parallel import build_engine, init_distributed
+from var_train.parallel.distributed import all_reduce_mean
+from var_train.parallel.ema import ParameterEMA
+from var_train.precision import resolve_precision
 from var_train.preemption import EXIT_CODE_NONFINITE, EXIT_CODE_PREEMPTED, PreemptionHandler
+from var_train.scaling.summary import TrainingCompute, read_summary, validation_record, write_summary
 from var_train.schedules import build_schedule
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -39,17 +47,32 @@ class TrainResult:
 
 def build_model(cfg: TrainConfig) -> VAR:
     """The VAR of the `model` section: reference initialisation, or weights from `init_from`."""
+    return build_model_with_report(cfg)[0]
+
+
+def read_init_state(path: str) -> dict[str, torch.Tensor]:
+    """`model.init_from`'s weights: a .safetensors / reference .pth file, or a run, checkpoints/ or
+    step directory of this framework (consolidated on one process, whatever engine wrote it)."""
+    if Path(path).is_dir():
+        from var_train.checkpoint import consolidated_state_dict
+        return consolidated_state_dict(path)[0]
+    return read_checkpoint(path)[0]
+
+
+def build_model_with_report(cfg: TrainConfig) -> tuple[VAR, "WarmStartReport | None"]:
+    """build_model plus what the warm start did with each tensor (None without `init_from`)."""
     m = cfg.model
     model = VAR(vocab_size=m.vocab_size, z_channels=m.z_channels, num_classes=m.num_classes, depth=m.depth,
                 embed_dim=m.embed_dim, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
                 drop_path_rate=m.drop_path_rate, attn_l2_norm=m.attn_l2_norm, shared_aln=m.shared_aln,
                 patch_nums=tuple(m.patch_nums), label_dropout=m.label_dropout,
                 attention_backend=m.attention_backend)
-    model.init_weights(alng=default_alng(m.depth) if m.alng is None else m.alng)
+    model.init_weights(alng=m.alng)  # None: the size rule of this depth
+    report = None
     if m.init_from:
-        state, _ = read_checkpoint(m.init_from)
-        load_state_dict_strict(model, state, m.init_from)
-    return model
+        report = warm_start(model, read_init_state(m.init_from), m.init_from, reinit=m.reinit,
+                            class_init=m.class_init, generator=torch.Generator().manual_seed(cfg.run.seed))
+    return model, report
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -65,13 +88,6 @@ def memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def _all_reduce_mean(values: torch.Tensor, world_size: int) -> torch.Tensor:
-    if world_size > 1:
-        dist.all_reduce(values)
-        values /= world_size
-    return values
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -80,31 +96,53 @@ class Trainer:
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
         self.run_dir = Path(cfg.run.output_dir)
         self.is_main = self.rank == 0
-        if self.is_main:
-            cfg.save(self.run_dir / "config.yaml")
+        # Nothing is written before the VAE, shards and model are known to belong together
+        # (every rank checks the same files, so all raise the same one-line error).
+        self._start_messages: list[str] = []
+        self.training_vae = check_training_inputs(
+            cfg.model, cfg.data, warn=self._start_messages.append,
+            eval_vae=cfg.eval.vae if (cfg.eval.every_steps > 0 or cfg.eval.at_end) else None)
 
         # Same initial weights on every rank, then per-rank streams for label dropout and drop-path.
         torch.manual_seed(cfg.run.seed)
-        model = build_model(cfg)
+        model, warm_start_report = build_model_with_report(cfg)
+        # Before the engine wraps the model: frozen parameters then get no gradient, no optimizer state.
+        self.freeze_summary = freeze_parameters(model, cfg.optim.freeze)
         torch.manual_seed(cfg.run.seed * 1000 + self.rank + 1)
+        # ... and a resume continues the checkpoint's model, not a changed one (config.yaml untouched).
+        check_resume_before_writing(cfg, model.config, self.run_dir, log=self._start_messages.append,
+                                    vae=self.training_vae)
+        if self.is_main:
+            cfg.save(self.run_dir / "config.yaml")
         self.flops_per_image = model.train_flops_per_image()
+        self.num_params = sum(p.numel() for p in model.parameters())
+        self.compute = TrainingCompute(self.flops_per_image)  # images and FLOPs of all ranks since step 0
         self.patch_nums = model.patch_nums
         self.quantizer = load_quantizer(cfg.data.vae, patch_nums=cfg.model.patch_nums).to(self.device).eval()
         self.quantizer.requires_grad_(False)
 
         self.loader = self._loader(cfg.data.train_shards, seed=cfg.run.seed, use_flip=cfg.data.use_flip,
                                    resampled=cfg.data.resampled)
-        self.engine = build_engine(model, cfg.parallel, cfg.optim, self.device)
+        # precision=auto: bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere (var_train/precision.py)
+        self.precision = resolve_precision(cfg.parallel.precision, self.device)
+        self.engine = build_engine(model, dataclasses.replace(cfg.parallel, precision=self.precision), cfg.optim,
+                                   self.device)
         self.accumulation = self.engine.grad_accumulation_steps
         steps_per_epoch = self.loader.batches_per_epoch // self.accumulation
         if steps_per_epoch == 0:
-            raise ValueError(f"one epoch has {self.loader.batches_per_epoch} micro-batches per rank, fewer than the "
+            raise ConfigError(f"one epoch has {self.loader.batches_per_epoch} micro-batches per rank, fewer than the "
                              f"{self.accumulation} accumulated into one optimizer step: lower optim.global_batch_size")
         self.steps_per_epoch = steps_per_epoch
         self.schedule = build_schedule(cfg.optim, steps_per_epoch)
         self.total_steps = min(self.schedule.total_steps, cfg.optim.max_steps or self.schedule.total_steps)
 
-        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir)
+        # Checkpoints (and their exports) record the VAE's codebook: sampling checks the VAE it is given.
+        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, training_vae=self.training_vae.record())
+        # The EMA starts from the weights training starts from; a resumed run restores it with the
+        # checkpoint (the checkpointer saves and loads it beside the engine's state).
+        self.ema = ParameterEMA(self.engine.unwrapped_model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+        if self.ema is not None:
+            self.checkpointer.companions.append(self.ema)
         self.step, self.nonfinite_total, self.nonfinite_in_a_row = 0, 0, 0
         resumed = self.checkpointer.load_latest(self.engine)
         wandb_run_id = None
@@ -112,8 +150,16 @@ class Trainer:
             self.step = int(resumed["step"])
             self.loader.load_state_dict(resumed["loader"])
             self.nonfinite_total = int(resumed.get("nonfinite_total", 0))
+            self.compute.load_state_dict(resumed.get("compute"), step=self.step,
+                                         global_batch_size=cfg.optim.global_batch_size)
             wandb_run_id = resumed.get("wandb_run_id")
         self.logger = MetricLogger(cfg.logging, self.run_dir, cfg.to_dict(), self.is_main, wandb_run_id)
+        for message in self._start_messages:
+            self.logger.message(message)
+        if warm_start_report is not None and resumed is None:
+            self.logger.message(warm_start_report.describe())
+        if self.freeze_summary.frozen:
+            self.logger.message(f"optim.freeze={cfg.optim.freeze}: {self.freeze_summary.describe()}")
         if resumed is not None:
             self.logger.message(f"resumed from step {self.step} (epoch {self.loader.epoch}, "
                                 f"{self.loader.batches_consumed} batches into it)")
@@ -123,8 +169,19 @@ class Trainer:
             if cfg.eval.vae is None:
                 cfg.eval.vae = cfg.data.vae
             self.evaluator = ScheduledEvaluator(cfg.eval, cfg.model, self.device)
+        self.class_names = list(self.loader.manifest.class_names)
+        self.sample_grid = None
+        if cfg.eval.grid_every_steps > 0:  # no Inception file, no reference: generation and decoding only
+            from var_train.evaluation.preview import SampleGrid
+            self.sample_grid = SampleGrid(cfg.eval, cfg.model, self.device, vae_path=cfg.eval.vae or cfg.data.vae,
+                                          vae=self.evaluator.vae if self.evaluator is not None else None,
+                                          class_names=list(self.loader.manifest.class_names))
         self.preemption = PreemptionHandler()
         self._batches = None
+        # The latest validation of this run (kept across a resume through summary.json).
+        previous = read_summary(self.run_dir) if resumed is not None else None
+        self.last_validation = {k: v for k, v in (previous or {}).items() if k.startswith("val_")
+                                and (previous.get("val_step") or 0) <= self.step}
 
     def _loader(self, shards: str, *, seed: int, use_flip: bool, resampled: bool):
         cfg = self.cfg
@@ -164,13 +221,15 @@ class Trainer:
             with torch.no_grad():
                 teacher_input = self.quantizer.tokens_to_teacher_input(batch.tokens_per_scale)
             targets = torch.cat(batch.tokens_per_scale, dim=1)
-            with engine.autocast():
-                logits = engine.model(batch.labels, teacher_input)
-            result = token_loss(logits, targets, self.patch_nums, active_scales)
-            loss = result.loss
-            if self.step in cfg.run.debug_nonfinite_steps:
-                loss = loss * float("nan")
-            engine.backward(loss / self.accumulation, sync_gradients=micro_step == self.accumulation - 1)
+            # Gradients are averaged over ranks on the last micro-batch only (decided before the forward).
+            with engine.micro_batch(sync=micro_step == self.accumulation - 1):
+                with engine.autocast():
+                    logits = engine.model(batch.labels, teacher_input)
+                result = token_loss(logits, targets, self.patch_nums, active_scales)
+                loss = result.loss
+                if self.step in cfg.run.debug_nonfinite_steps:
+                    loss = loss * float("nan")
+                engine.backward(loss / self.accumulation)
             stats = torch.cat([loss.detach().view(1), result.accuracy.view(1), result.loss_per_scale,
                                result.accuracy_per_scale]).float()
             totals = stats if totals is None else totals + stats
@@ -178,16 +237,19 @@ class Trainer:
         stats = totals / self.accumulation
         # One all-reduce for the logged statistics, which also tells every rank whether any rank
         # saw a non-finite loss (the gradient norm is already global).
-        stats = _all_reduce_mean(stats.to(self.device), self.world_size)
+        stats = all_reduce_mean(stats.to(self.device))
         finite = bool(torch.isfinite(stats[0]).item()) and bool(torch.isfinite(grad_norm).item())
         if finite:
             engine.optimizer_step()
+            if self.ema is not None:
+                self.ema.update()
             self.nonfinite_in_a_row = 0
         else:
             self.nonfinite_total += 1
             self.nonfinite_in_a_row += 1
         engine.zero_grad()
         self.step += 1
+        self.compute.add_step(cfg.optim.global_batch_size)
         scales = len(self.patch_nums)
         return {"loss": stats[0], "acc": stats[1], "loss_per_scale": stats[2:2 + scales],
                 "acc_per_scale": stats[2 + scales:], "grad_norm": grad_norm.detach(), "lr": lr,
@@ -216,13 +278,30 @@ class Trainer:
                 sums = stats if sums is None else sums + stats
                 count += 1
         model.train(was_training)
-        stats = _all_reduce_mean(sums / count, self.world_size).tolist()
-        return {"val/loss": stats[0], "val/acc": stats[1], "val/loss_last_scale": stats[2], "val/acc_last_scale": stats[3]}
+        stats = all_reduce_mean(sums / count).tolist()
+        return {"val/loss": stats[0], "val/acc": stats[1], "val/loss_last_scale": stats[2], "val/acc_last_scale": stats[3],
+                "val/error_rate": 1 - stats[1], "val/error_rate_last_scale": 1 - stats[3], **self.compute.metrics()}
+
+    def _validate_and_record(self) -> None:
+        """Validate, log (each point with its cumulative compute) and rewrite summary.json."""
+        metrics = self.validate()
+        self.logger.log(self.step, metrics)
+        self.last_validation = {**validation_record(metrics), "val_step": self.step,
+                                "val_train_flops": self.compute.train_flops, "val_images_seen": self.compute.images_seen}
+        self._write_summary(finished=False)
+
+    def _write_summary(self, finished: bool) -> None:
+        if self.is_main:
+            write_summary(self.run_dir, depth=self.cfg.model.depth, params=self.num_params,
+                          embed_dim=self.engine.unwrapped_model.embed_dim, compute=self.compute, step=self.step,
+                          total_steps=self.total_steps, global_batch_size=self.cfg.optim.global_batch_size,
+                          finished=finished, validation=self.last_validation)
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def save_checkpoint(self, blocking: bool = False) -> Path:
         state = {"step": self.step, "loader": self.loader.state_dict(), "nonfinite_total": self.nonfinite_total,
-                 "wandb_run_id": self.logger.run_id, "schedule": dict(vars(self.schedule))}
+                 "wandb_run_id": self.logger.run_id, "schedule": dict(vars(self.schedule)),
+                 "compute": self.compute.state_dict()}
         return self.checkpointer.save(self.step, self.engine, state, blocking=blocking)
 
     # -- the loop -------------------------------------------------------------------------------------
@@ -235,7 +314,8 @@ class Trainer:
         tokens_per_image = sum(p * p for p in self.patch_nums)
         peak = peak_flops(self.device)
         window_start, window_steps, eval_seconds, train_seconds = time.perf_counter(), 0, 0.0, 0.0
-        exit_code = 0
+        fit_started, first_step = time.perf_counter(), self.step
+        exit_code = 1  # what the W&B summary reports if an exception leaves the loop
         try:
             while self.step < self.total_steps:
                 out = self.train_step()
@@ -246,6 +326,9 @@ class Trainer:
                     train_seconds += elapsed
                     images_per_s = images_per_step * window_steps / elapsed
                     metrics = self._train_metrics(out, images_per_s, tokens_per_image, peak)
+                    # Wall clock per step so far (evaluations included) times the steps left.
+                    metrics["perf/eta_seconds"] = ((time.perf_counter() - fit_started) / (self.step - first_step)
+                                                   * (self.total_steps - self.step))
                     self.logger.log(self.step, metrics)
                     window_start, window_steps = time.perf_counter(), 0
                 if self.nonfinite_in_a_row > cfg.run.max_consecutive_nonfinite:
@@ -257,9 +340,12 @@ class Trainer:
                     exit_code = EXIT_CODE_NONFINITE
                     break
                 if cfg.data.val_shards and cfg.run.val_every_steps > 0 and self.step % cfg.run.val_every_steps == 0:
-                    self.logger.log(self.step, self.validate())
+                    self._validate_and_record()
                 if self.evaluator is not None and self.evaluator.due(self.step, last_step=last):
                     eval_seconds += self._evaluate(train_seconds)
+                    window_start = time.perf_counter()
+                if self.sample_grid is not None and self.sample_grid.due(self.step):
+                    self._log_sample_grid()
                     window_start = time.perf_counter()
                 if cfg.checkpoint.every_steps > 0 and self.step % cfg.checkpoint.every_steps == 0 and not last:
                     self.save_checkpoint()
@@ -271,23 +357,58 @@ class Trainer:
                     exit_code = EXIT_CODE_PREEMPTED
                     break
             else:
-                if cfg.data.val_shards:
-                    self.logger.log(self.step, self.validate())
+                exit_code = 0
+                if cfg.data.val_shards and self.last_validation.get("val_step") != self.step:
+                    self._validate_and_record()
                 self.save_checkpoint(blocking=True)
                 self.logger.message(f"done: {self.step} steps; checkpoints in {self.checkpointer.directory}")
+            self._write_summary(finished=exit_code == 0)
         finally:
             self.checkpointer.wait()
             self.preemption.uninstall()
-            self.logger.close()
+            self._log_wandb_summary(exit_code, time.perf_counter() - fit_started, train_seconds, eval_seconds)
+            self.logger.close(exit_code)
         return TrainResult(exit_code, self.step, self.run_dir)
 
+    def _log_sample_grid(self) -> None:
+        """The cheap grid of `eval.grid_every_steps` (a collective: every rank samples the same batch)."""
+        with self.engine.full_model() as model:
+            preview = self.sample_grid.generate(model, self.quantizer)
+        self.logger.log_samples(self.step, "samples/grid", preview.images, preview.labels, self.class_names,
+                                grid=preview.grid)
+
+    def _log_wandb_summary(self, exit_code: int, wall_seconds: float, train_seconds: float,
+                           eval_seconds: float) -> None:
+        """The W&B run summary: W&B keeps every metric's last value there; add how the run ended,
+        its size and its compute (summary.json has the scaling fields too)."""
+        if not self.is_main:
+            return
+        status = {0: "finished", EXIT_CODE_PREEMPTED: "preempted", EXIT_CODE_NONFINITE: "stopped_nonfinite"}
+        self.logger.summary({
+            "final/step": self.step, "final/total_steps": self.total_steps,
+            "final/status": status.get(exit_code, "crashed"),
+            "params/total": self.num_params, "params/depth": self.cfg.model.depth,
+            "params/flops_per_image": float(self.flops_per_image),
+            "compute/images_seen": self.compute.images_seen, "compute/train_flops": float(self.compute.train_flops),
+            "compute/precision": self.precision, "compute/engine": self.cfg.parallel.engine,
+            "compute/devices": f"{self.world_size} x {self.device.type}",
+            "compute/wall_seconds_this_job": wall_seconds, "compute/train_seconds_this_job": train_seconds,
+            "compute/eval_seconds_this_job": eval_seconds,
+            "compute/device_hours_this_job": wall_seconds * self.world_size / 3600,
+        })
+
     def _evaluate(self, train_seconds: float) -> float:
-        result = self.evaluator.evaluate(self.engine.model, self.quantizer, self.step)
+        ema_weights = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+        with ema_weights, self.engine.full_model() as model:  # collective: the whole model on every rank
+            result = self.evaluator.evaluate(model, self.quantizer, self.step)
         metrics = {f"eval/{k}": v for k, v in result.metrics.items()}
         seconds = result.metrics.get("eval_seconds", 0.0)
         metrics["eval/share_of_train_time"] = seconds / max(train_seconds, 1e-9)
-        images = {"eval/samples": (result.grid, " ".join(result.captions))} if result.grid is not None else None
-        self.logger.log(self.step, metrics, images=images)
+        self.logger.log(self.step, metrics)
+        if result.grid is not None:  # rank 0: the grid and, one row per sample, a W&B table with class names
+            images = getattr(result, "images", None)
+            self.logger.log_samples(self.step, "eval/samples", images if images is not None else [],
+                                    list(getattr(result, "labels", None) or []), self.class_names, grid=result.grid)
         return seconds
 
     def _train_metrics(self, out: dict, images_per_s: float, tokens_per_image: int, peak: float | None) -> dict:
@@ -297,7 +418,7 @@ class Trainer:
             "train/lr": out["lr"], "train/weight_decay": out["weight_decay"], "train/grad_norm": out["grad_norm"].item(),
             "train/nonfinite_steps": self.nonfinite_total, "train/epoch": self.step / self.steps_per_epoch,
             "perf/images_per_s": images_per_s, "perf/tokens_per_s": images_per_s * tokens_per_image,
-            "perf/memory_gib": memory_gib(self.device),
+            "perf/memory_gib": memory_gib(self.device), **self.compute.metrics(),
         }
         for k, (loss, acc) in enumerate(zip(out["loss_per_scale"].tolist(), out["acc_per_scale"].tolist())):
             metrics[f"train/loss_scale_{k}"] = loss
@@ -310,7 +431,7 @@ class Trainer:
         params = sum(p.numel() for p in self.engine.unwrapped_model.parameters())
         self.logger.message(
             f"training VAR d{self.cfg.model.depth} ({params / 1e6:.1f}M parameters, engine {self.cfg.parallel.engine}, "
-            f"{self.cfg.parallel.precision}) on {self.world_size} x {self.device.type}: steps {self.step} -> "
+            f"{self.precision}) on {self.world_size} x {self.device.type}: steps {self.step} -> "
             f"{self.total_steps}, {self.steps_per_epoch} steps per epoch, {self.accumulation} micro-batches of "
             f"{self.cfg.optim.micro_batch_size} per rank per step; run dir {self.run_dir}")
 

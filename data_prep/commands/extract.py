@@ -54,8 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="images per encoder batch (default 64)")
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="DataLoader processes decoding images (default: min(8, CPUs))")
-    parser.add_argument("--min-size", type=int, default=32,
-                        help="skip images whose shorter side is below this many pixels (default 32)")
+    parser.add_argument("--min-size", type=int, default=0,
+                        help="skip images whose shorter side is below this many pixels (default 0: keep every "
+                             "decodable image, as the reference does)")
     parser.add_argument("--input-format", choices=("auto", "imagefolder", "list", "wds"), default="auto",
                         help="how to read INPUT (default: detected)")
     parser.add_argument("--num-classes", type=int, default=None,

@@ -1,19 +1,26 @@
 """Train VAR's multi-scale VQVAE tokenizer on an image folder, from scratch or fine-tuning.
 
+A thin command over var_train.tokenizer (the tokenizer trainer, on the VAR trainer's machinery).
 Images are read as an ImageFolder (<data_dir>/<class>/<image>) with the reference preprocessing
 (shorter side to round(1.125 R) with LANCZOS, random R x R crop, [-1, 1]); R = the VQVAE's
 downsampling (16 with the released --ch-mult 1,1,2,2,4) x the last patch_num. A held-out split
-(--val-fraction) is scored before and after training.
+(--val-fraction) is scored before and after training. The LR warms up over --warmup-steps, holds,
+then decays linearly to --wpe x --lr at --max-steps.
 
 Outputs in --output-dir:
-  checkpoints/step-00000100/   vqvae.safetensors + training_state.pt (resume picks the newest)
-  metrics.jsonl                per-window losses, codebook usage and perplexity per scale,
-                               dead_codes_restarted, images_per_second; val_mse before/after
+  checkpoints/step-00000100/   the VQVAE and its optimizer (engine state), RNG, trainer state
+                               (discriminator, dead-code counters, clock); a rerun resumes the newest
+  metrics.jsonl                per window: every loss term (train/reconstruction_l2, train/vq_loss,
+                               train/lpips, train/generator_adv, train/discriminator_loss, train/loss),
+                               train/lr, train/grad_norm, codebook usage and perplexity per scale,
+                               train/dead_codes_restarted, perf/images_per_s; val/mse before and after
+  wandb/                       the same metrics for W&B (offline unless --wandb-mode online)
   vqvae.safetensors            the final model (load with var_train.models.checkpoint_io.load_vae)
   vqvae.pth                    the same weights in the released checkpoints' layout
 
-Distributed: start one process per device with torchrun or srun (DDP; gloo on CPU, nccl on GPU);
---batch-size is per process.
+Preemption: SIGTERM or SIGUSR1 -> checkpoint at the next step -> exit 42; run the same command
+again to continue. Distributed: start one process per device with torchrun or srun (DDP; gloo on
+CPU, nccl on GPU); --batch-size is per process.
 
 Examples:
   var-prep train-tokenizer --data-dir demo/images --output-dir runs/tok-demo --preset demo
@@ -25,8 +32,8 @@ from __future__ import annotations
 
 import argparse
 
-from data_prep.tokenizer_training import TokenizerTrainingConfig, train_tokenizer
 from var_train.parallel.distributed import launcher_ranks
+from var_train.tokenizer import TokenizerTrainingConfig, train_tokenizer
 
 NAME = "train-tokenizer"
 HELP = "Train or fine-tune the multi-scale VQVAE tokenizer on an image folder."
@@ -99,6 +106,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--weight-decay", type=float, default=None, help=f"(default {d.weight_decay})")
     optim.add_argument("--max-steps", type=int, default=None, help=f"total optimizer steps (default {d.max_steps})")
     optim.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time (resumable)")
+    optim.add_argument("--warmup-steps", type=int, default=None, help=f"linear LR warmup steps (default {d.warmup_steps})")
+    optim.add_argument("--hold-fraction", type=float, default=None,
+                       help=f"share of the post-warmup steps held at the peak LR (default {d.hold_fraction})")
+    optim.add_argument("--wpe", type=float, default=None,
+                       help=f"final LR as a fraction of --lr, reached at --max-steps; 1 = constant (default {d.wpe})")
+    optim.add_argument("--clip-grad-norm", type=float, default=None,
+                       help=f"clip the gradient norm to this, 0 = no clipping (default {d.clip_grad_norm})")
     optim.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="bf16 autocast (GPU) or fp32 (default)")
     optim.add_argument("--seed", type=int, default=None, help=f"(default {d.seed})")
 
@@ -119,7 +133,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     book.add_argument("--log-every", type=int, default=None, help=f"steps per metrics window (default {d.log_every})")
     book.add_argument("--checkpoint-every", type=int, default=None, help=f"(default {d.checkpoint_every})")
     book.add_argument("--keep-last", type=int, default=None, help=f"checkpoints kept, 0 = all (default {d.keep_last})")
-    book.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    book.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                      help="no progress bar: a console line per --log-every window instead")
+    book.add_argument("--wandb-mode", choices=["offline", "online", "disabled"], default=None,
+                      help=f"W&B logging (default {d.wandb_mode}: files under --output-dir/wandb, nothing sent)")
+    book.add_argument("--wandb-project", default=None, help=f"(default {d.wandb_project})")
+    book.add_argument("--wandb-run-name", default=None, help="(default: W&B's own)")
 
 
 def config_from_args(args: argparse.Namespace) -> TokenizerTrainingConfig:
@@ -132,20 +151,15 @@ def config_from_args(args: argparse.Namespace) -> TokenizerTrainingConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = config_from_args(args)
-    except ValueError as error:
-        raise SystemExit(f"train-tokenizer: {error}")
-    try:
-        result = train_tokenizer(config)
-    except (FileNotFoundError, ValueError) as error:  # missing inputs, mismatched checkpoints, ...
-        raise SystemExit(f"train-tokenizer: {error}")
-    if launcher_ranks()[0] != 0:
-        return 0
+    """0 when done; 42 when preempted (checkpoint saved: rerun to resume); 43 after too many
+    non-finite steps. Bad flags and missing or mismatched files raise UserError (exit 2)."""
+    result = train_tokenizer(config_from_args(args))
+    if result.exit_code != 0 or launcher_ranks()[0] != 0:
+        return result.exit_code
     if result.val_after:
-        print(f"step {result.step}: held-out MSE {result.val_before.get('val_mse', float('nan')):.4f} -> "
-              f"{result.val_after['val_mse']:.4f}; codebook usage per scale "
-              + ", ".join(f"{k.removeprefix('val_codebook_usage_')}={v:.3f}" for k, v in result.val_after.items()
-                          if k.startswith("val_codebook_usage_")))
+        print(f"step {result.step}: held-out MSE {result.val_before.get('val/mse', float('nan')):.4f} -> "
+              f"{result.val_after['val/mse']:.4f}; codebook usage per scale "
+              + ", ".join(f"{k.removeprefix('val/codebook_usage_')}={v:.3f}" for k, v in result.val_after.items()
+                          if k.startswith("val/codebook_usage_")))
     print(f"model: {result.model_path}" + (f"; reference layout: {result.reference_path}" if result.reference_path else ""))
     return 0

@@ -38,8 +38,7 @@ def full_optimizer_state(engine) -> dict[str, torch.Tensor]:
     """Every AdamW moment and step as full tensors, keyed by parameter name."""
     if engine.name == "deepspeed":
         return {}
-    model = engine.ddp if engine.name == "ddp" else engine.model
-    state = get_optimizer_state_dict(model, engine.optimizer, options=StateDictOptions(full_state_dict=True))
+    state = get_optimizer_state_dict(engine.model, engine.optimizer, options=StateDictOptions(full_state_dict=True))
     return {f"{name}.{key}": torch.as_tensor(value).detach().clone()
             for name, per_param in state["state"].items() for key, value in per_param.items()}
 
@@ -104,6 +103,8 @@ def interrupted_save_is_ignored(info, run_dir: Path) -> None:
     assert newest is not None and newest.name == f"step-{SAVE_AT:08d}", f"newest complete checkpoint: {newest}"
     state = Checkpointer(checkpoint_cfg(), run_dir).load_latest(build(info, "fsdp2"))
     assert state["step"] == SAVE_AT, f"load_latest picked step {state['step']}, not the last complete {SAVE_AT}"
+    # A crashed save's leftovers are removed when the next checkpointer starts (they could keep a full disk full).
+    assert not list((run_dir / "checkpoints").glob(".tmp-*")), "the interrupted save's leftovers were kept"
     log(info.rank, "OK an interrupted save is ignored by load_latest")
 
 

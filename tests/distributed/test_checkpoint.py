@@ -38,7 +38,8 @@ def test_interrupted_save_retention_and_async(saved):
     out, output = saved
     assert "OK an interrupted save is ignored by load_latest" in output, output
     assert "OK keep_last=2 keeps ['step-00000011', 'step-00000012']; async save holds the state at save time" in output
-    leftover = next((out / "fsdp2" / "checkpoints").glob(".tmp-*"))
+    leftover = out / "fsdp2" / "checkpoints" / ".tmp-step-00000099"  # what a crashed save leaves
+    leftover.mkdir(exist_ok=True)
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         resolve_checkpoint(leftover)
 

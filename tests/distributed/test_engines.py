@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.conftest import run_torchrun
-from var_train.parallel import estimate_memory_per_gpu, grad_accumulation_steps, parameter_groups
+from var_train.parallel import estimate_memory_per_gpu, grad_accumulation_steps
 from var_train.parallel.distributed import launcher_ranks
 
 WORKER = Path(__file__).with_name("engine_worker.py")
@@ -24,7 +24,13 @@ def test_every_engine_trains_like_a_single_process():
                   "OK ddp fp32, accumulation 2, activation checkpointing:", "OK ddp bf16:",
                   "OK deepspeed zero 2 fp32, accumulation 2:", "OK deepspeed zero 3 fp32, activation checkpointing:",
                   "OK deepspeed zero 2 bf16:", "OK fsdp2: a non-finite step is skipped",
-                  "OK ddp: a non-finite step is skipped", "OK deepspeed zero 2: a non-finite step is skipped"):
+                  "OK ddp: a non-finite step is skipped", "OK deepspeed zero 2: a non-finite step is skipped",
+                  "OK fsdp2: full_model() is callable piece by piece", "OK ddp: full_model() is callable",
+                  "OK deepspeed zero 3: full_model() is callable",
+                  "OK fsdp2: a generic module with block_classes trains like one process",
+                  "OK ddp: a generic module with block_classes trains like one process",
+                  "OK fsdp2: gradients are reduced on the last micro-batch only",
+                  "OK ddp: gradients are reduced on the last micro-batch only"):
         assert check in output, f"missing check {check!r} in:\n{output}"
 
 
@@ -49,7 +55,7 @@ def test_no_weight_decay_on_vectors_biases_positions_levels_and_temperatures():
     from tests.distributed.worker_common import tiny_var
 
     model = tiny_var()
-    decay, no_decay = parameter_groups(model.named_parameters(), 0.05)
+    decay, no_decay = model.parameter_groups(0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     kept = {names[id(p)] for p in no_decay["params"]}
@@ -70,11 +76,16 @@ def test_grad_accumulation_steps_checks_divisibility():
 
 
 def test_launcher_ranks_from_torchrun_then_slurm(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS",
+                 "SLURM_LOCALID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_TASKS_PER_NODE", "SLURM_NODEID",
+                 "SLURM_STEP_NODELIST"):
         monkeypatch.delenv(name, raising=False)
     assert launcher_ranks() == (0, 1, 0)
     for name, value in (("SLURM_PROCID", "5"), ("SLURM_NTASKS", "8"), ("SLURM_LOCALID", "1")):
         monkeypatch.setenv(name, value)
+    assert launcher_ranks() == (0, 1, 0)  # the batch shell: no srun step, a world of one
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")  # inside `srun`
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[01-02]")
     assert launcher_ranks() == (5, 8, 1)
     for name, value in (("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "3")):
         monkeypatch.setenv(name, value)
@@ -88,7 +99,14 @@ def _parallel(**overrides):
 
 
 def test_memory_estimate_follows_sharding_and_checkpointing():
-    d16 = dict(model_num_params=310_283_520, micro_batch_size=32, num_tokens=680, embed_dim=1024, depth=16)
+    import torch
+
+    from var_train.models import VAR
+
+    with torch.device("meta"):
+        model = VAR(depth=16)
+    assert sum(p.numel() for p in model.parameters()) == 310_283_520  # REFERENCE.md
+    d16 = dict(model=model, micro_batch_size=32)
     ddp = estimate_memory_per_gpu(parallel_cfg=_parallel(engine="ddp"), world_size=16, **d16)
     fsdp = estimate_memory_per_gpu(parallel_cfg=_parallel(), world_size=16, **d16)
     hsdp = estimate_memory_per_gpu(parallel_cfg=_parallel(replicate_degree=2), world_size=16, **d16)

@@ -70,10 +70,11 @@ def train_step(engine, step: int, rank: int, world_size: int, accumulation: int,
     batches = micro_batches(step, rank, world_size, accumulation, fixed)
     total = 0.0
     for index, (labels, teacher_input, targets) in enumerate(batches):
-        with engine.autocast():
-            logits = engine.model(labels.to(engine.device), teacher_input.to(engine.device))
-        loss = loss_fn(logits.float(), targets.to(engine.device)) / accumulation
-        engine.backward(loss, sync_gradients=index == accumulation - 1)
+        with engine.micro_batch(sync=index == accumulation - 1):
+            with engine.autocast():
+                logits = engine.model(labels.to(engine.device), teacher_input.to(engine.device))
+            loss = loss_fn(logits.float(), targets.to(engine.device)) / accumulation
+            engine.backward(loss)
         total += loss.item()
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
@@ -83,27 +84,6 @@ def train_step(engine, step: int, rank: int, world_size: int, accumulation: int,
     mean = torch.tensor([total])
     torch.distributed.all_reduce(mean)
     return mean.item() / world_size
-
-
-def reference_steps(num_steps: int, world_size: int, accumulation: int, lr: float = 3e-3,
-                    seed: int = 0, fixed: bool = False) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """The same training in one process on the whole global batch (no parallelism at all)."""
-    from var_train.parallel.optimizer import parameter_groups
-
-    model = tiny_var(seed)
-    cfg = optim_cfg(world_size, accumulation)
-    optimizer = torch.optim.AdamW(parameter_groups(model.named_parameters(), cfg.weight_decay), lr=lr,
-                                  betas=cfg.betas, eps=cfg.eps)
-    losses = []
-    for step in range(num_steps):
-        labels, teacher_input, targets = global_batch(0 if fixed else step, MICRO_BATCH * world_size * accumulation)
-        loss = loss_fn(model(labels, teacher_input), targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

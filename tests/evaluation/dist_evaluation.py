@@ -3,8 +3,8 @@
 1. GenerativeMetrics over samples split unevenly between the ranks (rank 0: 23 rows in three
    updates; rank 1: 14 rows in one update, in reverse order), against a reference read from an
    ADM-style `.npz` (arr_0; features extracted half per rank). The test compares with one process.
-2. ScheduledEvaluator.evaluate on a VAR sharded with FSDP2 `fully_shard` (per block, then the
-   root) with 13 samples in batches of 4 (rank 0: 7 samples, rank 1: 6; 2 batches each, padded),
+2. ScheduledEvaluator.evaluate on a VAR sharded by the fsdp2 engine (`fully_shard` per block, then
+   the root), handed over through `engine.full_model()`, with 13 samples in batches of 4 (rank 0: 7 samples, rank 1: 6; 2 batches each, padded),
    and the same evaluation of an unsharded copy of the same weights, which must agree.
 
 Usage: dist_evaluation.py REFERENCE_NPZ FAKE_NPZ OUT_JSON"""
@@ -17,14 +17,13 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
-
 from tests.evaluation.helpers import PooledPixelExtractor, blob_images
 from tests.models.tiny import tiny_models
 from var_train.evaluation.metrics import GenerativeMetrics
 from var_train.evaluation.reference_stats import load_reference, statistics_of_images
 from var_train.evaluation.scheduled import ScheduledEvaluator
-from var_train.parallel import init_distributed
+from var_train.config import OptimConfig, ParallelConfig
+from var_train.parallel import build_engine, init_distributed
 
 
 def uneven_metrics(rank: int, reference_npz: str, fake_npz: str) -> dict:
@@ -45,9 +44,9 @@ def uneven_metrics(rank: int, reference_npz: str, fake_npz: str) -> dict:
 def scheduled_on_fsdp2(device: torch.device) -> tuple[dict, ScheduledEvaluator]:
     vae, var = tiny_models(seed=0)
     plain = copy.deepcopy(var)
-    for block in var.blocks:
-        fully_shard(block)
-    fully_shard(var)
+    engine = build_engine(var, ParallelConfig(engine="fsdp2", precision="fp32"),
+                          OptimConfig(global_batch_size=dist.get_world_size(), micro_batch_size=1), device)
+    assert type(var.blocks[0]).__name__.startswith("FSDP"), type(var.blocks[0])  # really sharded
     var.train()  # the trainer hands its model over in training mode; evaluation must switch it
     extractor = PooledPixelExtractor()
     reference = statistics_of_images(blob_images(64, seed=5, size=64).permute(0, 2, 3, 1).numpy(), extractor,
@@ -57,7 +56,8 @@ def scheduled_on_fsdp2(device: torch.device) -> tuple[dict, ScheduledEvaluator]:
                                reference_stats=None, precision_recall=True)
     model_cfg = SimpleNamespace(num_classes=10, patch_nums=(1, 2, 3, 4))
     evaluator = ScheduledEvaluator(eval_cfg, model_cfg, device, extractor=extractor, reference=reference, vae=vae)
-    sharded = evaluator.evaluate(var, vae.quantize, step=10)
+    with engine.full_model() as model:
+        sharded = evaluator.evaluate(model, vae.quantize, step=10)
     assert var.training, "evaluate() must restore the training mode"
     unsharded = evaluator.evaluate(plain, vae.quantize, step=10)
     assert (sharded.grid is not None) == (dist.get_rank() == 0)

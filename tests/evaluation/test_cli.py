@@ -1,5 +1,5 @@
 """`var-train fid-stats` and `var-train eval` end to end on tiny real models: resumable, ADM .npz
-output, and the same samples and metrics with 2 processes as with 1."""
+output, and the same samples and metrics with 2 processes (and another batch size) as with 1."""
 
 import json
 from pathlib import Path
@@ -32,9 +32,9 @@ def setup(tmp_path_factory):
     return paths
 
 
-def _eval_args(setup, out: Path) -> list[str]:
+def _eval_args(setup, out: Path, batch_size: int = 8) -> list[str]:
     return ["eval", "--var", str(setup["var"]), "--vae", str(setup["vae"]), "--reference", str(setup["stats"]),
-            "--feature-extractor", str(setup["classifier"]), "--per-class", "2", "--batch-size", "8",
+            "--feature-extractor", str(setup["classifier"]), "--per-class", "2", "--batch-size", str(batch_size),
             "--top-k", "20", "--top-p", "0.9", "--seed", "5", "--out", str(out), "--quiet"]
 
 
@@ -70,7 +70,7 @@ def test_eval_writes_pngs_adm_npz_and_json(one_rank):
 def test_eval_resumes_without_regenerating_finished_samples(setup, one_rank, tmp_path):
     out = tmp_path / "resumed"
     (out / "samples").mkdir(parents=True)
-    # a previous run that finished batch 0 (samples 0-7) and half of batch 1, then died
+    # a previous run that wrote samples 0-11, then died
     for png in sorted((one_rank / "samples").glob("*.png"))[:12]:
         (out / "samples" / png.name).write_bytes(png.read_bytes())
     marker = out / "samples" / "000003_c0003.png"
@@ -78,16 +78,19 @@ def test_eval_resumes_without_regenerating_finished_samples(setup, one_rank, tmp
     kept = marker.read_bytes()
     assert var_train(_eval_args(setup, out)) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["generated_now"] == 12 and results["reused_from_previous_run"] == 8  # batch 1 redone
+    assert results["generated_now"] == 8 and results["reused_from_previous_run"] == 12  # only the missing ones
     assert marker.read_bytes() == kept
-    for index in range(8, 20):  # regenerated samples are identical to the first run's
+    for index in range(12, 20):  # generated in other batches now, yet identical to the first run's
         name = sorted((one_rank / "samples").glob(f"{index:06d}_*.png"))[0].name
         assert (out / "samples" / name).read_bytes() == (one_rank / "samples" / name).read_bytes()
 
 
 def test_eval_with_two_ranks_gives_the_same_samples_and_metrics(setup, one_rank, tmp_path):
+    """A sample's seed follows its global index: 2 ranks with batches of 3 make exactly the images
+    of 1 rank with batches of 8."""
     out = tmp_path / "two_ranks"
-    proc = run_torchrun(REPO_ROOT / "var_train" / "cli" / "__main__.py", *_eval_args(setup, out), nproc=2, timeout=300)
+    proc = run_torchrun(REPO_ROOT / "var_train" / "cli" / "__main__.py", *_eval_args(setup, out, batch_size=3),
+                        nproc=2, timeout=300)
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 2, proc.stdout
     expected = json.loads((one_rank / "results.json").read_text())

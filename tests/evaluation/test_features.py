@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from tests.evaluation.helpers import seeded_classifier
-from var_train.evaluation.features import (INCEPTION_WEIGHTS_FILENAME, InceptionFeatureExtractor,
-                                           MissingInceptionWeightsError, build_feature_extractor,
-                                           default_inception_weights_path, to_uint8_images)
+from var_train.evaluation.features import build_feature_extractor, to_uint8_images
+from var_train.evaluation.inception import (INCEPTION_WEIGHTS_FILENAME, InceptionFeatureExtractor,
+                                            MissingInceptionWeightsError, default_inception_weights_path)
 
 
 def test_missing_inception_weights_is_a_clear_error_not_a_download(tmp_path, monkeypatch):
@@ -57,8 +57,22 @@ def test_classifier_extractor_round_trips_through_its_checkpoint(tmp_path):
     assert loaded.num_logits == 10 and loaded.name.startswith("small-cnn-classifier-")
     loaded.train()
     assert not loaded.training  # an extractor never leaves eval mode
-    with pytest.raises(FileNotFoundError, match="neither 'inception' nor"):
+    with pytest.raises(FileNotFoundError, match="is neither") as error:
         build_feature_extractor(str(tmp_path / "missing.safetensors"))
+    assert "'inception'" in str(error.value) and "classifier checkpoint" in str(error.value)
+
+
+def test_extractors_are_chosen_by_the_registry():
+    """Every kind registers itself; the registry (features.py) imports none of them."""
+    import ast
+    import inspect
+
+    from var_train.evaluation import features
+
+    assert {"inception", "classifier"} <= set(features.registered_extractors())
+    imported = {node.module for node in ast.walk(ast.parse(inspect.getsource(features)))
+                if isinstance(node, ast.ImportFrom) and node.module}
+    assert not imported & {"classifier", "inception", "var_train.evaluation.classifier", "var_train.evaluation.inception"}
 
 
 def test_to_uint8_images_validates_input():

@@ -123,3 +123,23 @@ def test_metrics_refuse_reference_from_another_extractor_and_missing_features():
     no_features = statistics_from_features(torch.randn(10, 48), extractor.name, 16, keep_features=False)
     with pytest.raises(ValueError, match="per-image reference features"):
         GenerativeMetrics(extractor, no_features, precision_recall=True)
+
+
+def test_class_accuracy_is_one_metric_with_the_common_protocol():
+    """Hand-counted: class 0 has 2 of 3 right, class 2 has 1 of 1, class 1 no samples."""
+    from var_train.evaluation.metrics import ClassAccuracy
+
+    logits = torch.nn.functional.one_hot(torch.tensor([0, 0, 1, 2]), 3).float()  # predictions 0, 0, 1, 2
+    labels = torch.tensor([0, 0, 0, 2])
+    metric = ClassAccuracy(3, class_names=["zero", "one", "two"], per_class=True)
+    metric.update(ExtractedFeatures(torch.zeros(2, 1), logits[:2]), torch.arange(2), labels[:2])
+    metric.update(ExtractedFeatures(torch.zeros(2, 1), logits[2:]), torch.arange(2, 4), labels[2:])
+    assert metric.compute() == {"class_accuracy": 0.75, "class_accuracy/zero": pytest.approx(2 / 3),
+                                "class_accuracy/two": 1.0}
+    metric.reset()
+    metric.update(ExtractedFeatures(torch.zeros(1, 1), logits[2:3]), torch.arange(1), torch.tensor([1]))
+    assert metric.compute()["class_accuracy"] == 1.0
+    # inside GenerativeMetrics it is switched on by an extractor that classifies the model's classes
+    extractor = PooledPixelExtractor(num_logits=10)
+    assert "class_accuracy" in GenerativeMetrics(extractor, None, num_classes=10).metric_names
+    assert "class_accuracy" not in GenerativeMetrics(extractor, None, num_classes=1000).metric_names

@@ -9,6 +9,7 @@ from tests.evaluation.helpers import seeded_classifier
 from tests.training.learnable_shards import make_learnable_shards, make_tiny_vae
 from var_train.evaluation.reference_stats import compute_fid_stats
 from var_train.evaluation.standalone import EvalSettings, evaluate_checkpoint
+from var_train.models import SamplingSettings
 
 
 def test_two_rank_training_logs_scheduled_evaluation(tmp_path):
@@ -39,7 +40,7 @@ def test_two_rank_training_logs_scheduled_evaluation(tmp_path):
 
     # `var-train eval` takes the run directory itself (its newest checkpoint, consolidated)
     report = evaluate_checkpoint(run_dir, vae, tmp_path / "eval", tmp_path / "stats.npz",
-                                 EvalSettings(per_class=1, batch_size=5, top_k=0, top_p=0.0,
+                                 EvalSettings(SamplingSettings(top_k=0, top_p=0.0), per_class=1, batch_size=5,
                                               feature_extractor=str(classifier)), device="cpu", progress=False)
     assert report["num_samples"] == 10 and report["generated_now"] == 10
     assert 0 <= report["precision"] <= 1 and report["fid"] == report["fid"]

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tests.models.tiny import tiny_models
-from var_train.models import filter_top_k_top_p, sample_tokens
+from var_train.models import SamplingSettings, filter_top_k_top_p, generate_batch, sample_generator, sample_tokens
 
 
 def test_top_k_keeps_exactly_the_k_best():
@@ -53,3 +53,42 @@ def test_flex_attention_matches_sdpa():
         var.set_attention_backend("flex")
         flex = var(labels, teacher_input)
     assert (reference - flex).abs().max().item() < 1e-5
+
+
+def test_a_sample_is_the_same_whatever_its_batch():
+    """One seeding rule: sample i draws from a generator seeded by (seed, i), and decoding always
+    sees the same batch shape, so batches of 1, 3 or 4 (the last ones padded, as for a sharded
+    model) give exactly the images of one batch of 5."""
+    vae, var = tiny_models()
+    labels = torch.tensor([3, 1, 4, 1, 5])
+    settings = SamplingSettings(cfg=1.5, top_k=20, top_p=0.9, seed=5, precision="fp32")
+    whole = generate_batch(var, vae, labels, range(5), settings)
+    assert whole.dtype == torch.uint8 and whole.shape == (5, 3, 64, 64)
+    for batch_size in (1, 3, 4):
+        parts = [generate_batch(var, vae, labels[i:i + batch_size], range(i, min(5, i + batch_size)), settings,
+                                pad_to=batch_size) for i in range(0, 5, batch_size)]
+        assert torch.equal(torch.cat(parts), whole), batch_size
+    # the seed matters, and so does the index: not one stream shared by every sample
+    other_seed = SamplingSettings(cfg=1.5, top_k=20, top_p=0.9, seed=6, precision="fp32")
+    assert not torch.equal(generate_batch(var, vae, labels[:3], range(3), other_seed), whole[:3])
+    assert not torch.equal(generate_batch(var, vae, labels[:3], range(100, 103), settings), whole[:3])
+
+
+def test_per_row_generators_draw_each_row_from_its_own_stream():
+    """Row b with generator g_b gives the tokens that row alone gives with a fresh copy of g_b."""
+    vae, var = tiny_models()
+    labels = torch.tensor([2, 7, 7])
+    rows = sample_tokens(var, vae.quantize, labels, cfg=1.0, top_k=10,
+                         generator=[sample_generator(0, i) for i in range(3)])
+    for b in range(3):
+        alone = sample_tokens(var, vae.quantize, labels[b:b + 1], cfg=1.0, top_k=10, generator=[sample_generator(0, b)])
+        assert all(torch.equal(r[b:b + 1], a) for r, a in zip(rows, alone))
+    seeds = {sample_generator(seed, index).initial_seed() for seed in range(3) for index in range(1000)}
+    assert len(seeds) == 3000  # no two (seed, index) pairs share a stream
+
+
+def test_sampling_settings_hold_the_papers_defaults():
+    settings = SamplingSettings()
+    assert (settings.cfg, settings.top_k, settings.top_p) == (1.5, 900, 0.96)  # VAR paper, ImageNet 256
+    with pytest.raises(ValueError, match="precision"):
+        SamplingSettings(precision="fp16")

@@ -34,7 +34,10 @@ def command(data, run_dir, *overrides):
 
 
 def environment():
-    return {**os.environ, "WANDB_API_KEY": SECRET, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
+    # Without WANDB_SERVICE: a W&B run started earlier in this pytest process exports it, and the
+    # child would then attach to that service instead of starting its own, as a real job does.
+    inherited = {key: value for key, value in os.environ.items() if key != "WANDB_SERVICE"}
+    return {**inherited, "WANDB_API_KEY": SECRET, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
             "PYTHONPATH": str(REPO_ROOT)}
 
 

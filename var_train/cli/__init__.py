@@ -1,14 +1,15 @@
 """`var-train`: one subcommand per module in this package.
 
 Each subcommand module defines `NAME`, `HELP`, `add_arguments(parser)` and `run(args) -> int`;
-`run` only turns arguments into a call of a library function that tests call directly.
+`run` only turns arguments into a call of a library function that tests call directly. User errors
+(var_train.errors.UserError) print one line `error: ...` and exit 2; see var_train.command_line.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
+
+from var_train.command_line import run_command_line
 
 SUBCOMMAND_MODULES = [
     "var_train.cli.demo",
@@ -17,30 +18,17 @@ SUBCOMMAND_MODULES = [
     "var_train.cli.fid_stats",
     "var_train.cli.export",
     "var_train.cli.sample",
+    "var_train.cli.scaling",
+    "var_train.cli.edit",
+    "var_train.cli.verify",
 ]
 
 
-def build_parser(prog: str, module_names: list[str], description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module_name in module_names:
-        module = importlib.import_module(module_name)
-        sub = subparsers.add_parser(
-            module.NAME, help=module.HELP, description=module.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        module.add_arguments(sub)
-        sub.set_defaults(run=module.run)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(
+    return run_command_line(
         "var-train", SUBCOMMAND_MODULES,
-        "Train, sample and evaluate VAR models (next-scale prediction) from token shards.",
+        "Train, sample and evaluate VAR models (next-scale prediction) from token shards.", argv,
     )
-    args = parser.parse_args(argv)
-    return int(args.run(args) or 0)
 
 
 if __name__ == "__main__":

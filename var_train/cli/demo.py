@@ -24,13 +24,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time budget of tokenizer training (default 2.0)")
     parser.add_argument("--samples-per-class", type=int, default=20, help="evaluation samples per class (default 20)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="VAR training and sampling (auto: bf16 training on CPUs with native bf16, fp32 sampling "
+                             "on CPUs; see BENCHMARKS.md); the tokenizer, extraction and features stay fp32")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="overrides of recipes/demo.yaml for the VAR training, e.g. optim.epochs=10")
 
 
 def run(args: argparse.Namespace) -> int:
-    from var_train.demo import DemoConfig, run_demo
+    from .demo_pipeline import DemoConfig, run_demo
 
     run_demo(DemoConfig(out=args.out, nproc=args.nproc, tokenizer_minutes=args.tokenizer_minutes,
-                        samples_per_class=args.samples_per_class, seed=args.seed, train_overrides=args.overrides))
+                        samples_per_class=args.samples_per_class, seed=args.seed, train_overrides=args.overrides,
+                        precision=args.precision))
     return 0

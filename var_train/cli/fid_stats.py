@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image side for --images folders (default: the first image's shorter side)")
     parser.add_argument("--limit", type=int, default=None, help="use at most this many images/records")
     parser.add_argument("--feature-extractor", default="inception",
-                        help="'inception' (default) or a classifier checkpoint from train_classifier")
+                        help="'inception' (default) or a classifier .safetensors (e.g. the demo's)")
     parser.add_argument("--inception-weights", default=None,
                         help="path of weights-inception-2015-12-05-6726825d.pth (default: $TORCH_HOME/hub/checkpoints/)")
     parser.add_argument("--batch-size", type=int, default=100, help="images per batch (default 100)")
@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from var_train.parallel import destroy_distributed, init_distributed
 
     if args.shards and not args.vae:
-        raise SystemExit("fid-stats: --shards needs --vae (the VQVAE that decodes the tokens)")
+        from var_train.errors import ConfigError
+        raise ConfigError("fid-stats: --shards needs --vae (the VQVAE that decodes the tokens)")
     info = init_distributed()
     try:
         stats, path = compute_fid_stats(

@@ -11,17 +11,17 @@ valid ones. The run directory (run.output_dir) receives config.yaml, metrics.jso
 and checkpoints/; a restart with the same output_dir resumes from the newest checkpoint.
 
 Exit codes: 0 done; 42 preempted (SIGTERM/SIGUSR1 -> checkpoint -> exit: requeue the job);
-43 stopped after too many consecutive non-finite steps (checkpoint saved); 2 bad config.
+43 stopped after too many consecutive non-finite steps (checkpoint saved); 2 a user error (bad config,
+missing or mismatched files, a checkpoint of another model, a full disk): one line `error: ...`.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 NAME = "train"
-HELP = "train VAR from token shards (FSDP2, DeepSpeed or DDP)"
+HELP = "train VAR from token shards (FSDP2, DeepSpeed, DDP or Accelerate)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,19 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from var_train.config import ConfigError, load_config
 
-    try:
-        cfg = load_config(args.recipe, args.overrides)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.recipe, args.overrides)  # ConfigError -> one line `error: ...`, exit 2 (command_line.py)
     if args.dry_run:
         from var_train.dry_run import describe
         print(describe(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1"))))
         return 0
     missing = [name for name, value in (("data.train_shards", cfg.data.train_shards), ("data.vae", cfg.data.vae)) if not value]
     if missing:
-        print(f"error: set {' and '.join(missing)} (in the recipe or as overrides)", file=sys.stderr)
-        return 2
+        raise ConfigError(f"set {' and '.join(missing)} (in the recipe or as overrides)")
     from var_train.train import train
 
     return train(cfg).exit_code

@@ -17,13 +17,19 @@ restart that skips the batches already consumed sees exactly the batches it woul
 In `resampled` mode each worker instead draws shards at random (with replacement, seeded per
 epoch/rank/worker): the same batch counts and resume, no per-epoch coverage guarantee.
 Which flip/crop variant a record contributes is a hash of (seed, epoch, key): no RNG state.
+The shards are a local folder (read by tar_reader.py) or a URL of one (http(s), pipe:, brace
+patterns: sources.py, through WebDataset's opener); the plan, the resume and the checks are the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import os
 import random
+import signal
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +38,55 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .manifest import Manifest, read_manifest
-from .tar_reader import iter_tar_samples
+from var_train.errors import MissingInputError
+
+from .manifest import Manifest, check_shard_sizes
+from .sources import ShardSource, iter_shard_samples, parse_source
 from .records import CLASS_EXT, TOKENS_EXT, TOKENS_FLIP_EXT, CorruptRecordError, decode_tokens
 
 logger = logging.getLogger(__name__)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """`worker_init_fn` of every DataLoader in the project: only the main process decides to stop.
+
+    Slurm signals every process of a job step (SIGTERM on preemption or scancel, the job's
+    warning signal); a torch worker dies of a SIGTERM its parent did not send, which the main
+    process sees as a crash ("DataLoader worker ... killed by signal") before it can checkpoint.
+    So SIGUSR1 and SIGINT are ignored, and SIGTERM is taken by a thread that drops it unless the
+    parent sent it: the parent still stops its workers that way (multiprocessing at exit), as
+    torch's own handler allows. A worker also exits by itself once its parent is gone.
+    """
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])  # in this thread and those it starts
+    threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), name="sigterm-from-parent",
+                     daemon=True).start()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR1, signal.SIGINT])  # see stop_signals_blocked
+
+
+def _exit_on_sigterm_from(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo([signal.SIGTERM]).si_pid == parent:
+            os._exit(0)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """Start DataLoader workers inside this: a forked worker inherits the blocked signals, so a stop
+    signal that arrives before its `ignore_stop_signals` runs waits and is then discarded, instead of
+    killing it (a new epoch forks new workers, at any moment of a preemption). Signals that reach
+    the main process meanwhile are delivered when the block ends; none is lost."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @dataclass
@@ -140,11 +188,14 @@ def resume_position(worker_batches: Sequence[int], consumed: int) -> tuple[list[
 # -- the per-worker stream -------------------------------------------------------------------------
 def _read_ranges(ranges: Sequence[ShardRange]) -> Iterator[dict]:
     for shard in ranges:
-        samples = iter_tar_samples(shard.url)
+        samples = iter_shard_samples(shard.url)  # a local path: fast reader; a URL: WebDataset's gopen
         taken = 0
-        for sample in itertools.islice(samples, shard.start, shard.start + shard.count):
-            taken += 1
-            yield sample
+        try:
+            for sample in itertools.islice(samples, shard.start, shard.start + shard.count):
+                taken += 1
+                yield sample
+        finally:
+            samples.close()  # a streamed shard's connection or pipe is closed as soon as its range is read
         if taken != shard.count:
             raise CorruptRecordError(shard.url, "<end of shard>",
                                      f"shard holds fewer records than its manifest entry "
@@ -220,7 +271,9 @@ class TokenLoader:
                  resampled: bool = False, use_flip: bool = True, pin_memory: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
-        self.shards_dir, self.manifest = Path(shards_dir), manifest
+        # A local folder or a URL (sources.py); the plan, resume and checks do not depend on which.
+        self.source = shards_dir if isinstance(shards_dir, ShardSource) else parse_source(shards_dir)
+        self.shards_dir, self.manifest = self.source.spec, manifest
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer
         self.resampled = resampled
@@ -228,10 +281,13 @@ class TokenLoader:
         if pin_memory and not self.pin_memory:
             logger.warning("pin_memory requested but no CUDA device is available; batches are not pinned")
         self.flip_variants = 2 if (use_flip and manifest.has_flip) else 1
-        self.shards = [(str(self.shards_dir / s.name), s.num_records) for s in manifest.shards if s.num_records > 0]
-        missing = [url for url, _ in self.shards if not Path(url).is_file()]
+        self.shards = [(self.source.url(s.name), s.num_records) for s in manifest.shards if s.num_records > 0]
+        missing = [url for url, _ in self.shards if self.source.local and not Path(url).is_file()]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} shard(s) listed in the manifest are missing: {missing[:5]}")
+            raise MissingInputError(f"{len(missing)} shard(s) listed in the manifest are missing: {missing[:5]}; "
+                                    f"run the same `var-prep extract` command again to redo them")
+        if self.source.local:  # every shard's size at start: a truncated one fails now, not at step 80
+            check_shard_sizes(self.source.spec, manifest)
         self.batches_per_epoch = manifest.num_records // (world_size * batch_size)
         if self.batches_per_epoch == 0:
             raise ValueError(f"{manifest.num_records} records are fewer than one batch per rank "
@@ -280,10 +336,13 @@ class TokenLoader:
             # shifts) the global torch RNG that the training step's dropout and sampling use.
             generator = torch.Generator().manual_seed(int(np.random.SeedSequence(
                 _seed_words(self.seed, self.epoch, self.rank)).generate_state(1)[0]))
-            loader = wds.WebLoader(self._epoch_stream(), batch_size=None, shuffle=False,
-                                   num_workers=self.num_workers, persistent_workers=False,
-                                   prefetch_factor=4 if self.num_workers else None, generator=generator)
-            for tokens, labels in loader:
+            loader = DataLoader(self._epoch_stream(), batch_size=None, shuffle=False,
+                                num_workers=self.num_workers, persistent_workers=False,
+                                prefetch_factor=4 if self.num_workers else None, generator=generator,
+                                worker_init_fn=ignore_stop_signals)
+            with stop_signals_blocked():  # the workers start here: no window before ignore_stop_signals
+                batches = iter(loader)
+            for tokens, labels in batches:
                 tokens = torch.from_numpy(tokens.numpy().astype(np.int64))  # numpy widens ~10x faster than torch
                 if self.pin_memory:
                     tokens, labels = tokens.pin_memory(), labels.pin_memory()
@@ -300,8 +359,9 @@ def build_token_loader(shards_dir: str | Path, *, batch_size: int, patch_nums, v
                        rank: int, world_size: int, num_workers: int = 2, seed: int = 0, shuffle_buffer: int = 2000,
                        resampled: bool = False, use_flip: bool = True, pin_memory: bool = False) -> TokenLoader:
     """A TokenLoader over `shards_dir` after checking its manifest against the model (ValueError if not)."""
-    manifest = read_manifest(shards_dir)
+    source = parse_source(shards_dir)
+    manifest = source.read_manifest()  # a URL's manifest.json is fetched like its shards
     manifest.check_compatible(patch_nums, vocab_size, num_classes)
-    return TokenLoader(shards_dir, manifest, batch_size=batch_size, rank=rank, world_size=world_size,
+    return TokenLoader(source, manifest, batch_size=batch_size, rank=rank, world_size=world_size,
                        num_workers=num_workers, seed=seed, shuffle_buffer=shuffle_buffer, resampled=resampled,
                        use_flip=use_flip, pin_memory=pin_memory)

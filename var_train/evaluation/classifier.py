@@ -9,6 +9,8 @@ checkpoint (the extractor name recorded in reference statistics includes the fil
     summary = train_classifier("data/digits", "runs/classifier.safetensors")   # CPU, seconds
     extractor = ClassifierFeatureExtractor.load("runs/classifier.safetensors")
     class_accuracy(extractor, images_uint8, labels)  # {"class_accuracy": 0.93, "class_accuracy/0": ...}
+
+Registered as a feature-extractor kind: `build_feature_extractor(path)` of an existing file loads it.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .features import ExtractedFeatures, FeatureExtractor, to_uint8_images
+from var_train.data.images import IMAGE_EXTENSIONS, class_folders, list_image_files, read_image_rgb
+from var_train.fileio import atomic_write
+
+from .features import ExtractedFeatures, ExtractorKind, FeatureExtractor, register_extractor, to_uint8_images
+from .metrics import ClassAccuracy
 
 CONFIG_METADATA_KEY = "classifier_config"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 class SmallCNN(nn.Module):
@@ -102,10 +107,9 @@ class ClassifierFeatureExtractor(FeatureExtractor):
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         state = {k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()}
-        save_file(state, str(tmp), metadata={CONFIG_METADATA_KEY: json.dumps(asdict(self.config))})
-        tmp.replace(path)
+        with atomic_write(path) as tmp:
+            save_file(state, str(tmp), metadata={CONFIG_METADATA_KEY: json.dumps(asdict(self.config))})
         return path
 
 
@@ -117,21 +121,19 @@ def _file_digest(path: Path) -> str:
 def read_image_folder(root: str | Path, resolution: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """An ImageFolder (`<root>/<class>/*.png`) -> (uint8 images (N, 3, R, R), labels (N,), class
     names). Images not R x R are resized (bicubic) to it; R defaults to the first image's side."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not class_dirs:
-        raise ValueError(f"{root} has no class subfolders (an ImageFolder has one folder per class)")
+    class_dirs = class_folders(root)
     images, labels = [], []
     for label, class_dir in enumerate(class_dirs):
-        for file in sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
-            with Image.open(file) as image:
-                image = image.convert("RGB")
-                resolution = resolution or image.width
-                if image.size != (resolution, resolution):
-                    image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
-                images.append(np.asarray(image))
+        try:
+            files = list_image_files(class_dir)
+        except ValueError:  # an empty class folder: the error below names the whole root if all are
+            continue
+        for file in files:
+            image = read_image_rgb(file)
+            resolution = resolution or image.width
+            if image.size != (resolution, resolution):
+                image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+            images.append(np.asarray(image))
             labels.append(label)
     if not images:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
@@ -221,7 +223,8 @@ def train_classifier(image_folder: str | Path, out_path: str | Path, *, epochs: 
 @torch.no_grad()
 def class_accuracy(extractor: FeatureExtractor, images: torch.Tensor, labels: torch.Tensor,
                    class_names: list[str] | None = None, batch_size: int = 256) -> dict[str, float]:
-    """How often `extractor`'s classifier recognises each image as its intended class.
+    """How often `extractor`'s classifier recognises each image as its intended class (the
+    `ClassAccuracy` metric over a set of images held in memory, on this process).
 
     -> {"class_accuracy": overall, "class_accuracy/<name>": per class (only classes present)}.
     `images` uint8 or [0, 1] float (N, 3, H, W); `labels` (N,) the classes they were generated for."""
@@ -231,14 +234,15 @@ def class_accuracy(extractor: FeatureExtractor, images: torch.Tensor, labels: to
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     if class_names is None:
         class_names = getattr(getattr(extractor, "config", None), "class_names", None)
-    predictions = []
+    metric = ClassAccuracy(extractor.num_logits, class_names=class_names, per_class=True, synchronised=False)
     for start in range(0, len(images), batch_size):
-        predictions.append(extractor(to_uint8_images(images[start:start + batch_size])).logits.argmax(dim=1).cpu())
-    predicted = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
-    labels = labels.cpu().long()
-    correct = predicted == labels
-    result = {"class_accuracy": correct.float().mean().item() if len(correct) else float("nan")}
-    for label in sorted(set(labels.tolist())):
-        name = class_names[label] if class_names and label < len(class_names) else str(label)
-        result[f"class_accuracy/{name}"] = correct[labels == label].float().mean().item()
-    return result
+        batch = slice(start, start + batch_size)
+        metric.update(extractor(to_uint8_images(images[batch])), None, labels[batch].cpu())
+    return metric.compute()
+
+
+register_extractor(ExtractorKind(
+    name="classifier", accepts=lambda spec: Path(spec).is_file(),
+    build=lambda spec, inception_weights=None: ClassifierFeatureExtractor.load(spec),
+    description="an existing classifier checkpoint (a .safetensors file written by "
+                "var_train.evaluation.classifier.train_classifier)"))

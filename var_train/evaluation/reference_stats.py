@@ -22,16 +22,18 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
+
+from var_train.data.images import list_image_files, read_image_rgb
+from var_train.fileio import atomic_write
+from var_train.parallel.distributed import barrier, collective_device, get_rank, get_world_size, is_main_process
 
 from .features import FeatureExtractor, to_uint8_images
 
 STATS_FORMAT = "var_train-fid-stats-v1"
 ADM_EXTRACTOR = "adm-tf-inception-pool3"  # what ADM's mu/sigma were computed with
 INCEPTION_NAMES = ("inception-v3-compat", ADM_EXTRACTOR)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 @dataclass
@@ -75,9 +77,9 @@ def save_reference_stats(stats: ReferenceStatistics, path: str | Path) -> Path:
                   resolution=np.array(-1 if stats.resolution is None else stats.resolution))
     if stats.features is not None:
         arrays["features"] = stats.features.astype(np.float32)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        with open(tmp, "wb") as stream:  # a file object: np.savez would append ".npz" to a name
+            np.savez(stream, **arrays)
     return path
 
 
@@ -85,7 +87,7 @@ def save_reference_stats(stats: ReferenceStatistics, path: str | Path) -> Path:
 def center_crop_resize(image: Image.Image, resolution: int) -> np.ndarray:
     """ADM's reference-batch preprocessing: halve with a box filter while the shorter side is at
     least twice the target, resize (bicubic) so it equals the target, crop the centre square."""
-    image = image.convert("RGB")
+    image = image.convert("RGB")  # a no-op for images from read_image_rgb
     while min(image.size) >= 2 * resolution:
         image = image.resize(tuple(x // 2 for x in image.size), resample=Image.Resampling.BOX)
     scale = resolution / min(image.size)
@@ -95,27 +97,15 @@ def center_crop_resize(image: Image.Image, resolution: int) -> np.ndarray:
     return array[top:top + resolution, left:left + resolution]
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
-    return files
-
-
 def folder_resolution(files: list[Path]) -> int:
-    with Image.open(files[0]) as first:
-        return min(first.size)
+    return min(read_image_rgb(files[0]).size)
 
 
 def image_file_batches(files: list[Path], resolution: int, batch_size: int) -> Iterator[torch.Tensor]:
     for start in range(0, len(files), batch_size):
         arrays = []
         for file in files[start:start + batch_size]:
-            with Image.open(file) as image:
-                arrays.append(center_crop_resize(image, resolution))
+            arrays.append(center_crop_resize(read_image_rgb(file), resolution))
         yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -175,7 +165,7 @@ def extract_features(batches: Iterable[torch.Tensor], extractor: FeatureExtracto
 
 def gather_features(local: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
     """Concatenate every rank's (N_r, D) rows in rank order, on every rank (uneven N_r allowed)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if get_world_size() == 1:
         return local
     from torchmetrics.utilities.distributed import gather_all_tensors
 
@@ -183,36 +173,24 @@ def gather_features(local: torch.Tensor, device: torch.device | None = None) -> 
     return torch.cat([part.cpu() for part in gather_all_tensors(moved)])
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _collective_device() -> torch.device:
-    # NCCL only moves CUDA tensors; gloo takes CPU ones.
-    backend = str(dist.get_backend()) if dist.is_available() and dist.is_initialized() else "gloo"
-    return torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend and torch.cuda.is_available() else torch.device("cpu")
-
-
 def statistics_of_images(images: np.ndarray | list[Path], extractor: FeatureExtractor, *, resolution: int,
                          batch_size: int = 100, keep_features: bool = True, progress: bool = True,
                          source: str = "") -> ReferenceStatistics:
     """NHWC uint8 array or image files -> statistics. Distributed when a process group exists: each
     rank extracts a contiguous slice, then the features are gathered (every rank gets the result)."""
-    rank, world = _rank_and_world()
+    rank, world = get_rank(), get_world_size()
     per_rank = math.ceil(len(images) / world)
     part = images[rank * per_rank:(rank + 1) * per_rank]
     batches = nhwc_batches(part, batch_size) if isinstance(images, np.ndarray) else image_file_batches(part, resolution, batch_size)
     local = extract_features(batches, extractor, total=len(part), progress=progress and rank == 0)
-    features = gather_features(local, _collective_device())
+    features = gather_features(local, collective_device())
     return statistics_from_features(features, extractor.name, resolution, keep_features, source)
 
 
 def statistics_of_token_shards(shards_dir: str | Path, vae, extractor: FeatureExtractor, *, batch_size: int = 64,
                                limit: int | None = None, keep_features: bool = True,
                                progress: bool = True) -> ReferenceStatistics:
-    rank, world = _rank_and_world()
+    rank, world = get_rank(), get_world_size()
     from var_train.data import read_manifest
 
     total = read_manifest(shards_dir).num_records
@@ -220,7 +198,7 @@ def statistics_of_token_shards(shards_dir: str | Path, vae, extractor: FeatureEx
     batches = token_shard_batches(shards_dir, vae, batch_size, rank, world, limit)
     local = extract_features(batches, extractor, total=math.ceil(total / world), progress=progress and rank == 0,
                              desc="decode+features")
-    features = gather_features(local, _collective_device())
+    features = gather_features(local, collective_device())
     return statistics_from_features(features, extractor.name, vae.resolution, keep_features, str(shards_dir))
 
 
@@ -239,7 +217,7 @@ def load_reference(path: str | Path, extractor: FeatureExtractor, *, need_featur
     (call it on every rank). `max_features` caps the images scored for precision/recall."""
     path = Path(path)
     if path.is_dir():
-        files = list_images(path)
+        files = list_image_files(path)
         return statistics_of_images(files, extractor, resolution=resolution or folder_resolution(files),
                                     batch_size=batch_size, progress=progress, source=str(path))
     if not path.is_file():
@@ -307,7 +285,7 @@ def compute_fid_stats(*, out: str | Path, images: str | Path | None = None, shar
         stats = statistics_of_token_shards(shards, decoder, extractor, batch_size=batch_size, limit=limit,
                                            keep_features=keep_features, progress=progress)
     elif Path(images).is_dir():
-        files = list_images(images)[:limit]
+        files = list_image_files(images)[:limit]
         stats = statistics_of_images(files, extractor, resolution=resolution or folder_resolution(files),
                                      batch_size=batch_size, keep_features=keep_features, progress=progress,
                                      source=str(images))
@@ -321,9 +299,7 @@ def compute_fid_stats(*, out: str | Path, images: str | Path | None = None, shar
         stats = statistics_of_images(array, extractor, resolution=array.shape[1], batch_size=batch_size,
                                      keep_features=keep_features, progress=progress, source=str(images))
     path = Path(out)
-    rank, _ = _rank_and_world()
-    if rank == 0:
+    if is_main_process():
         save_reference_stats(stats, path)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    barrier()
     return stats, path

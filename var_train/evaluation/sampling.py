@@ -1,9 +1,13 @@
 """Generating evaluation samples: which rank makes which sample, and driving a (sharded) VAR.
 
-The global sample list is class-balanced: sample i has class i % num_classes. A model sharded with
-FSDP2 all-gathers each block's weights inside its forward, a collective, so every rank must call it
-the same number of times with the same scale sequence: `RankPlan` gives every rank the same number
-of fixed-size batches, padding the last ones; padded rows are generated and thrown away.
+The images themselves come from `var_train.models.generate_batch`, the project's one generation
+path: sample i's random draws follow from (seed, i), so the split below changes nothing in them.
+
+The global sample list is class-balanced: sample i has class i % num_classes. The model comes from
+`engine.full_model()` (the engine makes it callable piece by piece); a sharded engine may still
+all-gather a block's weights inside its forward, a collective, so every rank must call it the same
+number of times with the same scale sequence: `RankPlan` gives every rank the same number of
+fixed-size batches, padding the last ones; padded rows are generated and thrown away.
 """
 
 from __future__ import annotations
@@ -15,7 +19,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from var_train.models import VAR, sample_tokens
+from var_train.models import VAR, SamplingSettings
+
+
+def sampling_settings(eval_cfg) -> SamplingSettings:
+    """The `eval` config section's sampling keys (cfg, top_k, top_p, seed) as SamplingSettings."""
+    return SamplingSettings(cfg=float(eval_cfg.cfg), top_k=int(eval_cfg.top_k), top_p=float(eval_cfg.top_p),
+                            seed=int(eval_cfg.seed))
 
 
 def class_balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
@@ -47,33 +57,11 @@ class RankPlan:
 
 
 def find_var(model: nn.Module) -> VAR:
-    """The VAR inside whatever wraps it (DDP, DeepSpeed; FSDP2 modifies the VAR in place)."""
+    """The VAR inside `model` (itself, usually: the model yielded by `engine.full_model()`)."""
     for module in model.modules():
         if isinstance(module, VAR):
             return module
     raise TypeError(f"no VAR inside {type(model).__name__}")
-
-
-@contextlib.contextmanager
-def full_parameters(var: VAR):
-    """Make the VAR callable outside its own forward: sampling calls its embeddings and head
-    directly, so FSDP2's root group (everything but the blocks, which all-gather themselves in
-    their forward) is unsharded here, and ZeRO-3 partitions are gathered."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if isinstance(var, FSDPModule):
-        var.unshard()
-        try:
-            yield
-        finally:
-            var.reshard()
-    elif any(hasattr(p, "ds_id") for p in var.parameters()):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(var.parameters()), modifier_rank=None):
-            yield
-    else:
-        yield
 
 
 @contextlib.contextmanager
@@ -84,30 +72,3 @@ def eval_mode(module: nn.Module):
         yield
     finally:
         module.train(was_training)
-
-
-def sampling_autocast(var: VAR, device: torch.device):
-    """bf16 on CUDA (as `var-train sample`), and wherever the weights are already bf16."""
-    low_precision = any(p.dtype == torch.bfloat16 for p in var.parameters())
-    if device.type == "cuda" or low_precision:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@torch.no_grad()
-def generate_batch(var: VAR, quantizer, vae, labels: torch.Tensor, *, cfg: float, top_k: int, top_p: float,
-                   generator: torch.Generator, decode_rows: int | None = None) -> torch.Tensor:
-    """labels (B,) -> uint8 images (decode_rows or B, 3, H, W) on the labels' device. Only the
-    first `decode_rows` token rows are decoded (the rest are padding for the collective)."""
-    device = labels.device
-    with sampling_autocast(var, device):
-        tokens = sample_tokens(var, quantizer, labels, cfg=cfg, top_k=top_k, top_p=top_p, generator=generator)
-    rows = len(labels) if decode_rows is None else decode_rows
-    if rows == 0:
-        return torch.empty(0, 3, vae.resolution, vae.resolution, dtype=torch.uint8, device=device)
-    return vae.tokens_to_uint8_image([t[:rows] for t in tokens])  # decoded in fp32, as `var-train sample`
-
-
-def batch_generator(device: torch.device, seed: int, batch_key: int) -> torch.Generator:
-    """One generator per (seed, batch): the same batch gets the same noise in every evaluation."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_key)

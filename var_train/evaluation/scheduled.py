@@ -2,7 +2,8 @@
 
     evaluator = ScheduledEvaluator(cfg.eval, cfg.model, device)   # decoder, features, reference: once
     if evaluator.due(step, last_step):
-        result = evaluator.evaluate(engine.model, quantizer, step)  # collective: call on ALL ranks
+        with engine.full_model() as model:                     # collective: call on ALL ranks
+            result = evaluator.evaluate(model, quantizer, step)
         logger.log(step, {f"eval/{k}": v for k, v in result.metrics.items()},
                    images={"eval/samples": result.grid} if result.grid else None)
 
@@ -17,16 +18,17 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from PIL import Image
+
+from var_train.models import generate_batch
+from var_train.parallel.distributed import get_rank, get_world_size
 
 from .features import FeatureExtractor, build_feature_extractor
 from .grid import labelled_grid
 from .metrics import GenerativeMetrics
 from .reference_stats import ReferenceStatistics, load_reference
-from .sampling import (RankPlan, batch_generator, class_balanced_labels, eval_mode, find_var, full_parameters,
-                       generate_batch)
+from .sampling import RankPlan, class_balanced_labels, eval_mode, find_var, sampling_settings
 
 GRID_SIZE = 32
 
@@ -36,12 +38,8 @@ class EvalResult:
     metrics: dict[str, float]              # "fid", "inception_score", "precision", "recall", "eval_seconds", ...
     grid: Image.Image | None = None        # rank 0 only: the first samples, captioned with their class
     captions: list[str] = field(default_factory=list)
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    images: torch.Tensor | None = None     # rank 0 only: the grid's images, uint8 (N, 3, H, W) (the W&B table)
+    labels: list[int] = field(default_factory=list)   # their class ids
 
 
 class ScheduledEvaluator:
@@ -70,7 +68,8 @@ class ScheduledEvaluator:
         self.reference = reference
         self.metrics = GenerativeMetrics(self.extractor, reference,
                                          precision_recall=bool(eval_cfg.precision_recall) and reference is not None,
-                                         device=self.device)
+                                         num_classes=self.num_classes, device=self.device)
+        self.sampling = sampling_settings(eval_cfg)
 
     def due(self, step: int, last_step: bool = False) -> bool:
         every = int(self.cfg.every_steps or 0)
@@ -79,51 +78,38 @@ class ScheduledEvaluator:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, quantizer: nn.Module | None = None, step: int | None = None) -> EvalResult:
         """Sample `eval.num_samples` images over all ranks, score them, return the same metrics on
-        every rank (the grid on rank 0). A collective: every rank must call it."""
+        every rank (the grid on rank 0). A collective: every rank must call it. `model`: a plain
+        VAR, or the one `engine.full_model()` yields for a distributed engine."""
         started = time.perf_counter()
-        rank, world = _rank_and_world()
+        rank, world = get_rank(), get_world_size()
         var = find_var(model)
         quantizer = quantizer if quantizer is not None else self.vae.quantize
         plan = RankPlan.make(int(self.cfg.num_samples), int(self.cfg.batch_size), rank, world)
         labels_all = class_balanced_labels(int(self.cfg.num_samples), self.num_classes)
         self.metrics.reset()
-        correct = torch.zeros(2, dtype=torch.float64)  # (recognised as their class, scored)
         grid_images, grid_labels = [], []
-        with eval_mode(var), full_parameters(var):
+        with eval_mode(var):
             for batch in range(plan.num_batches):
                 indices = plan.batch_indices(batch)
-                labels = torch.zeros(plan.batch_size, dtype=torch.long)  # padding rows: class 0
-                labels[:len(indices)] = labels_all[indices]
-                labels = labels.to(self.device)
-                generator = batch_generator(self.device, int(self.cfg.seed), rank * plan.num_batches + batch)
-                images = generate_batch(var, quantizer, self.vae, labels, cfg=float(self.cfg.cfg),
-                                        top_k=int(self.cfg.top_k), top_p=float(self.cfg.top_p),
-                                        generator=generator, decode_rows=len(indices))
+                labels = labels_all[indices]
+                images = generate_batch(var, self.vae, labels.to(self.device), indices, self.sampling,
+                                        quantizer=quantizer, pad_to=plan.batch_size)
                 if len(indices) == 0:
                     continue
-                extracted = self.metrics.update(images, indices)
-                if extracted.logits is not None and extracted.logits.shape[1] == self.num_classes:
-                    predicted = extracted.logits.argmax(dim=1).cpu()
-                    correct += torch.tensor([(predicted == labels_all[indices]).sum().item(), len(indices)],
-                                            dtype=torch.float64)
+                self.metrics.update(images, indices, labels)
                 if rank == 0 and sum(len(x) for x in grid_images) < GRID_SIZE:
                     grid_images.append(images.cpu())
-                    grid_labels.extend(labels_all[indices].tolist())
+                    grid_labels.extend(labels.tolist())
         metrics = self.metrics.compute()
-        if self.extractor.num_logits == self.num_classes:  # a classifier of the model's own classes
-            if world > 1:
-                moved = correct.to(self.metrics.device)
-                dist.all_reduce(moved)
-                correct = moved.cpu()
-            metrics["class_accuracy"] = float(correct[0] / correct[1]) if correct[1] else float("nan")
         metrics["num_samples"] = float(self.cfg.num_samples)
         metrics["eval_seconds"] = time.perf_counter() - started
-        grid, captions = None, []
+        grid, captions, images = None, [], None
         if grid_images:
             images = torch.cat(grid_images)[:GRID_SIZE]
             captions = [self._class_name(label) for label in grid_labels[:GRID_SIZE]]
             grid = labelled_grid(images, captions, per_row=min(8, len(images)))
-        return EvalResult(metrics=metrics, grid=grid, captions=captions)
+        return EvalResult(metrics=metrics, grid=grid, captions=captions, images=images,
+                          labels=grid_labels[:GRID_SIZE] if grid_images else [])
 
     def _class_name(self, label: int) -> str:
         if self.class_names and label < len(self.class_names):

@@ -3,7 +3,8 @@
 - Reference layout (`vae_ch160v4096z32.pth`, `var_d16.pth`, ...): a plain state dict whose keys
   are exactly our modules' keys (buffers included). Its architecture is read off the tensor
   shapes, so `load_var("var_d16.pth")` needs no other argument.
-- Ours: safetensors with the model's constructor arguments as JSON in the metadata.
+- Ours: safetensors with the model's constructor arguments as JSON in the metadata (an exported
+  VAR also records the VAE it was trained with, `TRAINING_VAE_METADATA_KEY`).
 Loading is always strict: a checkpoint whose keys or shapes differ raises StateDictMismatchError
 listing every difference; nothing is ever partially loaded.
 """
@@ -19,15 +20,19 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
+from var_train.errors import MismatchError, MissingInputError
+from var_train.fileio import atomic_write
+
 from .quantizer import DEFAULT_PATCH_NUMS, MultiScaleQuantizer
 from .var import VAR
 from .vqvae import VQVAE
 
 CONFIG_METADATA_KEY = "var_train_config"
 KIND_METADATA_KEY = "var_train_model"
+TRAINING_VAE_METADATA_KEY = "var_train_training_vae"  # JSON: the VAE a VAR was trained with (codebook fingerprint)
 
 
-class StateDictMismatchError(RuntimeError):
+class StateDictMismatchError(MismatchError, RuntimeError):  # a user error: the wrong file for this model
     def __init__(self, source: str, missing: list[str], unexpected: list[str], wrong_shape: list[str]):
         self.missing, self.unexpected, self.wrong_shape = missing, unexpected, wrong_shape
         lines = [f"checkpoint {source} does not match the model:"]
@@ -53,8 +58,11 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor
 # -- reading files ---------------------------------------------------------------------------------
 def _existing(path: str | Path) -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise MissingInputError(f"{path} is a directory, not a checkpoint file (.safetensors or .pth); a training "
+                                f"run's weights come out with `var-train export {path} --out var.safetensors`")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingInputError(f"checkpoint not found: {path}")
     return path
 
 
@@ -72,25 +80,36 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | N
     return state, None
 
 
-def save_model(module: nn.Module, path: str | Path) -> Path:
-    """Write `module`'s weights as safetensors with its constructor arguments in the metadata."""
+def save_model(module: nn.Module, path: str | Path, training_vae: dict | None = None) -> Path:
+    """Write `module`'s weights as safetensors with its constructor arguments in the metadata, and
+    (a VAR) `training_vae`: which VAE it was trained with, for sampling's check of the VAE given."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     metadata = {KIND_METADATA_KEY: type(module).__name__, CONFIG_METADATA_KEY: json.dumps(module.config)}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    if training_vae:
+        metadata[TRAINING_VAE_METADATA_KEY] = json.dumps(training_vae)
+    with atomic_write(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
     return path
+
+
+def read_training_vae(path: str | Path) -> dict | None:
+    """The VAE a VAR file records it was trained with (None: a reference .pth or an older export)."""
+    path = _existing(path)
+    if path.suffix != ".safetensors":
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        recorded = (f.metadata() or {}).get(TRAINING_VAE_METADATA_KEY)
+    return json.loads(recorded) if recorded else None
 
 
 def save_reference_layout(module: nn.Module, path: str | Path) -> Path:
     """Write a plain `.pth` state dict in the released checkpoints' layout."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, tmp)
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        torch.save({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, tmp)
     return path
 
 
@@ -118,6 +137,9 @@ def var_config_from_state_dict(state: dict[str, torch.Tensor]) -> dict:
 
 
 def vae_config_from_state_dict(state: dict[str, torch.Tensor], patch_nums=None) -> dict:
+    """The VQVAE's constructor arguments read off its tensors. The scale schedule is not a weight
+    (phi is chosen by a scale's relative position, the codebook is shared): any `patch_nums` works,
+    but without one the checkpoint's scale count must be the default's."""
     prefix = "quantize." if "quantize.embedding.weight" in state else ""
     vocab_size, z_channels = state[prefix + "embedding.weight"].shape
     num_scales = state[prefix + "ema_vocab_hit_SV"].shape[0]
@@ -126,8 +148,6 @@ def vae_config_from_state_dict(state: dict[str, torch.Tensor], patch_nums=None) 
             raise ValueError(f"this VQVAE checkpoint has {num_scales} scales; pass patch_nums "
                              f"(the default {DEFAULT_PATCH_NUMS} has {len(DEFAULT_PATCH_NUMS)})")
         patch_nums = DEFAULT_PATCH_NUMS
-    if len(patch_nums) != num_scales:
-        raise ValueError(f"patch_nums {tuple(patch_nums)} has {len(patch_nums)} scales, the checkpoint {num_scales}")
     config = dict(vocab_size=vocab_size, z_channels=z_channels, patch_nums=list(patch_nums),
                   share_quant_resi=sum(1 for k in state if k.startswith(prefix + "quant_resi.qresi_ls.") and k.endswith(".weight")))
     if "encoder.conv_in.weight" in state:
@@ -142,21 +162,50 @@ def vae_config_from_state_dict(state: dict[str, torch.Tensor], patch_nums=None) 
 
 
 # -- public loaders --------------------------------------------------------------------------------
+def _require_kind(state: dict[str, torch.Tensor], path, wanted: str) -> None:
+    """A clear error for a VQVAE given where a VAR is expected (and the reverse), not a KeyError."""
+    is_var = "pos_start" in state
+    is_vae = "quantize.embedding.weight" in state or "embedding.weight" in state
+    if wanted == "VAR" and not is_var:
+        hint = " (it is a VQVAE: pass it as --vae / data.vae)" if is_vae else ""
+        raise MismatchError(f"{path} is not a VAR checkpoint{hint}")
+    if wanted == "VQVAE" and not is_vae:
+        hint = " (it is a VAR: pass it as --var / model.init_from)" if is_var else ""
+        raise MismatchError(f"{path} is not a VQVAE checkpoint{hint}")
+
+
 def load_var(path: str | Path, **overrides) -> VAR:
     """A VAR from a reference `.pth` or our safetensors; `overrides` set non-weight options
     (label_dropout, drop_path_rate, attention_backend)."""
     state, config = read_checkpoint(path)
+    _require_kind(state, path, "VAR")
     config = {**(config or var_config_from_state_dict(state)), **overrides}
     model = VAR(**config)
     load_state_dict_strict(model, state, str(path))
     return model
 
 
+def _on_schedule(state: dict[str, torch.Tensor], config: dict, patch_nums, prefix: str) -> tuple[dict, dict]:
+    """Serve a VQVAE checkpoint on another scale schedule (e.g. the paper's 512px one from the 256px
+    VAE). Only the per-scale codebook hit statistics depend on the scale count; they restart at zero."""
+    if patch_nums is None:
+        return state, config
+    patch_nums = [int(p) for p in patch_nums]
+    if not patch_nums or any(p < 1 for p in patch_nums) or any(a >= b for a, b in zip(patch_nums, patch_nums[1:])):
+        raise ValueError(f"patch_nums must be positive and strictly increasing, got {patch_nums}")
+    key = prefix + "ema_vocab_hit_SV"
+    if key in state and state[key].shape[0] != len(patch_nums):
+        state = {**state, key: state[key].new_zeros(len(patch_nums), state[key].shape[1])}
+    return state, {**config, "patch_nums": patch_nums}
+
+
 def load_vae(path: str | Path, patch_nums=None) -> VQVAE:
+    """A VQVAE on its own schedule, or on `patch_nums` (any schedule: images are then
+    16 * patch_nums[-1] pixels at the released 16x downsampling)."""
     state, config = read_checkpoint(path)
+    _require_kind(state, path, "VQVAE")
     config = config or vae_config_from_state_dict(state, patch_nums)
-    if patch_nums is not None and list(patch_nums) != list(config["patch_nums"]):
-        raise ValueError(f"{path} was trained with patch_nums {config['patch_nums']}, not {list(patch_nums)}")
+    state, config = _on_schedule(state, config, patch_nums, "quantize.")
     model = VQVAE(**config)
     load_state_dict_strict(model, state, str(path))
     return model
@@ -165,11 +214,11 @@ def load_vae(path: str | Path, patch_nums=None) -> VQVAE:
 def load_quantizer(path: str | Path, patch_nums=None) -> MultiScaleQuantizer:
     """Only the codebook and phi convs of a full VQVAE checkpoint (what training needs)."""
     state, config = read_checkpoint(path)
+    _require_kind(state, path, "VQVAE")
     prefix = "quantize."
     quantizer_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} or state
     config = config or vae_config_from_state_dict(state, patch_nums)
-    if patch_nums is not None and list(patch_nums) != list(config["patch_nums"]):
-        raise ValueError(f"{path} was trained with patch_nums {config['patch_nums']}, not {list(patch_nums)}")
+    quantizer_state, config = _on_schedule(quantizer_state, config, patch_nums, "")
     quantizer = MultiScaleQuantizer(vocab_size=config["vocab_size"], z_channels=config["z_channels"],
                                     share_quant_resi=config["share_quant_resi"], patch_nums=config["patch_nums"],
                                     beta=config.get("beta", 0.25))

@@ -16,18 +16,10 @@ import torch
 import torch.nn as nn
 
 from .attention import ATTENTION_BACKENDS, KVCache, flex_block_mask
+from .param_groups import decay_groups
 from .quantizer import DEFAULT_PATCH_NUMS
+from .size_rules import size_rule
 from .transformer_blocks import AdaLNBeforeHead, AdaLNSelfAttn
-
-# AdaLN gamma initialisation of the released recipes, by depth.
-ALNG_BY_DEPTH = {16: 1e-3, 20: 1e-3, 24: 1e-4, 30: 1e-5}
-
-
-def default_alng(depth: int) -> float:
-    if depth in ALNG_BY_DEPTH:
-        return ALNG_BY_DEPTH[depth]
-    return 1e-3 if depth < 24 else (1e-4 if depth < 30 else 1e-5)
-
 
 class SharedAdaLin(nn.Linear):
     """One AdaLN projection for all blocks (the 512px d36 model's `shared_aln`)."""
@@ -38,6 +30,13 @@ class SharedAdaLin(nn.Linear):
 
 
 class VAR(nn.Module):
+    # The units that engines checkpoint, compile and shard one by one (var_train.parallel).
+    block_classes = (AdaLNSelfAttn,)
+    # Substrings of parameter names kept out of weight decay, besides every 1-D parameter and
+    # bias: learned position/level/start tables, AdaLN gammas and the attention temperature
+    # (decaying a position table or a temperature towards 0 only hurts).
+    no_weight_decay_names = ("pos_start", "pos_1LC", "lvl_embed", "gamma", "ada_gss", "scale_mul")
+
     def __init__(self, vocab_size: int = 4096, z_channels: int = 32, num_classes: int = 1000,
                  depth: int = 16, embed_dim: int | None = None, num_heads: int | None = None,
                  mlp_ratio: float = 4.0, drop_path_rate: float | None = None,
@@ -45,9 +44,10 @@ class VAR(nn.Module):
                  patch_nums: tuple[int, ...] = DEFAULT_PATCH_NUMS, label_dropout: float = 0.1,
                  norm_eps: float = 1e-6, attention_backend: str = "sdpa"):
         super().__init__()
-        embed_dim = 64 * depth if embed_dim is None else embed_dim
-        num_heads = depth if num_heads is None else num_heads
-        drop_path_rate = 0.1 * depth / 24 if drop_path_rate is None else drop_path_rate
+        rule = size_rule(depth)  # the paper's per-depth defaults (models/size_rules.py)
+        embed_dim = rule.embed_dim if embed_dim is None else embed_dim
+        num_heads = rule.num_heads if num_heads is None else num_heads
+        drop_path_rate = rule.drop_path_rate if drop_path_rate is None else drop_path_rate
         self.config = dict(vocab_size=vocab_size, z_channels=z_channels, num_classes=num_classes,
                            depth=depth, embed_dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio,
                            drop_path_rate=drop_path_rate, attn_l2_norm=attn_l2_norm,
@@ -141,7 +141,7 @@ class VAR(nn.Module):
         """The reference initialisation: trunc-normal std sqrt(1/(3C)) for Linear and Embedding,
         a small head, halved AdaLN scale/shift rows, tiny AdaLN gammas, and output projections
         divided by sqrt(2 * depth)."""
-        alng = default_alng(self.depth) if alng is None else alng
+        alng = size_rule(self.depth).alng if alng is None else alng
         init_std = math.sqrt(1 / (3 * self.embed_dim))
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -179,3 +179,21 @@ class VAR(nn.Module):
                 visible += pn * pn * seen
             flops += 3.0 * depth * 4 * width * visible
         return flops
+
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """The reference's AdamW groups: "decay" (linear matrices, class embedding) with
+        `weight_decay`, "no_decay" (see `no_weight_decay_names`) with 0."""
+        return decay_groups(self.named_parameters(), weight_decay, self.no_weight_decay_names)
+
+    def activation_bytes_per_image(self, compute_bytes: int, activation_checkpointing: bool) -> float:
+        """Activation memory one training image keeps for its backward. Blocks follow Korthikanti
+        et al. (2022): 34 x tokens x width bytes per block in 16-bit (no attention-score term:
+        fused attention kernels do not keep the scores), scaled by `compute_bytes` / 2; with
+        activation checkpointing only each block's input is kept, plus one block recomputed at a
+        time. The fp32 logits, their softmax and gradient come on top."""
+        tokens, width = self.num_tokens, self.embed_dim
+        per_block = 34 * tokens * width * compute_bytes / 2
+        block_input = tokens * width * compute_bytes
+        blocks = self.depth * block_input + per_block if activation_checkpointing else self.depth * per_block
+        logits = 3 * tokens * self.vocab_size * 4
+        return float(blocks + logits)

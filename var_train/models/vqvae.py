@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .param_groups import decay_groups
 from .quantizer import DEFAULT_PATCH_NUMS, MultiScaleQuantizer
 
 CHANNEL_MULTIPLIERS = (1, 1, 2, 2, 4)  # the released layout: 5 levels, 4 downsamplings, 16x
@@ -186,6 +187,11 @@ class VQVAE(nn.Module):
         self.quantize = MultiScaleQuantizer(vocab_size, z_channels, share_quant_resi, patch_nums, beta)
         self.quant_conv = nn.Conv2d(z_channels, z_channels, 3, 1, 1)
         self.post_quant_conv = nn.Conv2d(z_channels, z_channels, 3, 1, 1)
+
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay on the conv matrices only; never on the codebook, which decay would
+        pull towards 0, where its codes stop winning the nearest-code search."""
+        return decay_groups(self.named_parameters(), weight_decay, no_decay_names=("quantize.embedding",))
 
     @property
     def patch_nums(self) -> tuple[int, ...]:

@@ -12,25 +12,23 @@ it owns), so `clip_grad_norm` takes the optimizer step and returns that norm, an
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .activation_checkpoint import apply_activation_checkpointing, apply_compile
-from .engine import CHECKPOINT_FORMAT_DEEPSPEED, Engine
-from .optimizer import build_optimizer
+from .engine import CHECKPOINT_FORMAT_DEEPSPEED, Engine, EngineSetup
+from .optimizer import build_optimizer, clean_parameter_name
 
+DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"  # <checkpoint>/deepspeed/state/: DeepSpeed's files
 # Big enough that DeepSpeed never prints its own progress lines; the trainer logs.
 _NEVER = 1 << 30
 
 
 def deepspeed_config(parallel_cfg, optim_cfg, world_size: int, grad_accumulation_steps: int) -> dict:
-    if parallel_cfg.zero_stage not in (1, 2, 3):
-        raise ValueError(f"parallel.zero_stage must be 1, 2 or 3 for the deepspeed engine, "
-                         f"got {parallel_cfg.zero_stage}")
-    if parallel_cfg.precision not in ("bf16", "fp32"):
-        raise ValueError(f"parallel.precision must be 'bf16' or 'fp32', got {parallel_cfg.precision!r}")
     micro = optim_cfg.micro_batch_size
     zero = {"stage": parallel_cfg.zero_stage, "contiguous_gradients": True, "overlap_comm": False}
     if parallel_cfg.zero_stage == 3:
@@ -54,36 +52,41 @@ class DeepSpeedEngine(Engine):
     checkpoint_format = CHECKPOINT_FORMAT_DEEPSPEED
     uses_autocast = False  # DeepSpeed's torch_autocast wraps the forward itself
 
-    def __init__(self, model: nn.Module, parallel_cfg, optim_cfg, device: torch.device,
-                 world_size: int, grad_accumulation_steps: int):
+    def __init__(self, model: nn.Module, units: list[nn.Module], setup: EngineSetup):
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        if device.type == "cpu":
+        if setup.device.type == "cpu":
             # On CPU ranks DeepSpeed JIT-compiles a shared-memory all-reduce kernel when its
             # communication backend starts (minutes on a small machine); gloo does the job.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        model.to(device)
-        if parallel_cfg.activation_checkpointing:
-            apply_activation_checkpointing(model.blocks)
-        if parallel_cfg.compile:
-            apply_compile(model.blocks)
-        optimizer = build_optimizer(model, optim_cfg)
-        self.zero_stage = parallel_cfg.zero_stage
-        self.config = deepspeed_config(parallel_cfg, optim_cfg, world_size, grad_accumulation_steps)
+        optimizer = build_optimizer(model, setup.parameter_groups, setup.optim)
+        self.zero_stage = setup.parallel.zero_stage
+        self.config = deepspeed_config(setup.parallel, setup.optim, setup.world_size, setup.grad_accumulation_steps)
         ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config,
                                                   dist_init_required=False)
         self.ds = ds_engine
         self._step_pending = False  # a boundary backward happened and its step is not taken yet
         # The torch AdamW stays the optimizer the trainer sees: ZeRO keeps its param_groups
         # (one flat fp32 partition per group) and reads "lr"/"weight_decay" from them each step.
-        super().__init__(ds_engine, ds_engine.module, optimizer, device, parallel_cfg.precision,
-                         grad_accumulation_steps)
+        super().__init__(ds_engine, ds_engine.module, optimizer, setup)
 
-    def backward(self, loss: torch.Tensor, sync_gradients: bool) -> None:
-        self.ds.set_gradient_accumulation_boundary(sync_gradients)
+    @classmethod
+    def check_config(cls, parallel_cfg) -> None:
+        super().check_config(parallel_cfg)
+        if parallel_cfg.zero_stage not in (1, 2, 3):
+            raise ValueError(f"parallel.zero_stage must be 1, 2 or 3 for the deepspeed engine, "
+                             f"got {parallel_cfg.zero_stage}")
+
+    @classmethod
+    def shards_parameters(cls, parallel_cfg) -> bool:
+        return parallel_cfg.zero_stage == 3
+
+    # -- the step ---------------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.set_gradient_accumulation_boundary(self._sync)
         self.ds.backward(loss, scale_wrt_gas=False)
-        if sync_gradients:
+        if self._sync:
             self._step_pending = True
         else:
             self.ds.step()  # bookkeeping only: not a boundary, no update
@@ -113,27 +116,70 @@ class DeepSpeedEngine(Engine):
             # Drop gradients of micro-batches whose step was abandoned before its boundary.
             self.ds.optimizer.zero_grad(set_to_none=True)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
+    # -- the full model ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def full_model(self):
         import deepspeed
 
         module = self.ds.module
-        params = list(module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.zero_stage == 3):
-            return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+        # ZeRO-3 partitions every parameter: gather them all for the context (every rank).
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None,
+                                               enabled=self.zero_stage == 3):
+            yield module
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        with self.full_model() as module:
+            return {clean_parameter_name(k): v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+    # -- checkpoint state: DeepSpeed's own files --------------------------------------------------
     def dcp_state(self):
         raise TypeError("the deepspeed engine saves through DeepSpeed's own checkpoints")
 
     def load_dcp_state(self, model_state, optimizer_state):
         raise TypeError("the deepspeed engine loads through DeepSpeed's own checkpoints")
 
-    # DeepSpeed's checkpoint files, used by var_train.checkpoint inside its atomic directories.
-    def save_deepspeed_checkpoint(self, directory: str, tag: str) -> None:
-        self.ds.save_checkpoint(directory, tag=tag, save_latest=False)
+    def save_state(self, checkpoint_dir: str | Path, *, async_group=None, blocking: bool = True):
+        """DeepSpeed writes its ZeRO partitions synchronously (no asynchronous mode): returns None."""
+        self.ds.save_checkpoint(str(Path(checkpoint_dir) / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
+        return None
 
-    def load_deepspeed_checkpoint(self, directory: str, tag: str) -> None:
-        load_path, _ = self.ds.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
-                                               load_lr_scheduler_states=False)
+    def load_state(self, checkpoint_dir: str | Path, metadata: dict) -> None:
+        self._check_readable(checkpoint_dir, metadata)
+        saved_world = metadata.get("world_size")
+        if saved_world != self.world_size:
+            raise ValueError(f"{checkpoint_dir} holds DeepSpeed ZeRO partitions of {saved_world} ranks; "
+                             f"resume it on {saved_world} ranks, not {self.world_size}")
+        load_path, _ = self.ds.load_checkpoint(str(Path(checkpoint_dir) / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
+                                               load_optimizer_states=True, load_lr_scheduler_states=False)
         if load_path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} in {directory}")
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {DEEPSPEED_TAG!r} in {checkpoint_dir}/{DEEPSPEED_DIR}")
         self._step_pending = False
+
+    @classmethod
+    def consolidate(cls, checkpoint_dir: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
+        """fp32 weights from the ZeRO partitions (DeepSpeed's zero_to_fp32), on one process."""
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed narrates every shard
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(Path(checkpoint_dir) / DEEPSPEED_DIR),
+                                                               tag=DEEPSPEED_TAG)
+        weights = {clean_parameter_name(k): v for k, v in weights.items()}
+        # Buffers are derived from the config (scale index, mask): take the model's own for any
+        # that DeepSpeed's consolidation leaves out.
+        state = {key: weights.get(key, value) for key, value in model.state_dict().items()}
+        unexpected = sorted(set(weights) - set(state))
+        if unexpected:
+            raise ValueError(f"{checkpoint_dir}: DeepSpeed state has keys the model lacks: {unexpected[:10]}")
+        missing = sorted(name for name, _ in model.named_parameters() if name not in weights)
+        if missing:
+            raise ValueError(f"{checkpoint_dir}: DeepSpeed state lacks parameters: {missing[:10]}")
+        return state
+
+    @staticmethod
+    def state_bytes(num_params: float, unit_params: float, parallel_cfg, world_size: int,
+                    compute_bytes: int) -> tuple[float, float, float]:
+        """(parameters, gradients, AdamW states) bytes per GPU under ZeRO-1/2/3."""
+        stage = parallel_cfg.zero_stage
+        params = 4 * num_params / world_size + 2 * unit_params * 4 if stage == 3 else 4 * num_params
+        grads = 4 * num_params / world_size + 2 * unit_params * 4 if stage >= 2 else 4 * num_params
+        return params, grads, 12 * num_params / world_size  # fp32 master partition + two moments

@@ -20,6 +20,7 @@ all-gathers stay on the fast intra-node links.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -27,8 +28,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from .activation_checkpoint import apply_activation_checkpointing, apply_compile
-from .engine import Engine, global_grad_norm
+from .engine import Engine, EngineSetup
 from .optimizer import build_optimizer
 
 # The VAR's logits leave the root module as a view of the head's matmul; the trainer never
@@ -54,17 +54,13 @@ def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
     raise ValueError(f"parallel.precision must be 'bf16' or 'fp32', got {precision!r}")
 
 
-def shard_model(model: nn.Module, mesh: DeviceMesh, precision: str, reshard_after_forward: bool,
-                activation_checkpointing: bool, compile: bool) -> nn.Module:
-    """Apply, in this order: activation checkpointing -> compile -> fully_shard per block ->
-    fully_shard root. Modifies `model` in place and returns it."""
-    if activation_checkpointing:
-        apply_activation_checkpointing(model.blocks)
-    if compile:
-        apply_compile(model.blocks)
-    block_policy = mixed_precision_policy(precision)
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=block_policy, reshard_after_forward=reshard_after_forward)
+def shard_model(model: nn.Module, units: list[nn.Module], mesh: DeviceMesh, precision: str,
+                reshard_after_forward: bool) -> nn.Module:
+    """fully_shard each unit (already checkpointed / compiled by build_engine), then the root.
+    Modifies `model` in place and returns it."""
+    unit_policy = mixed_precision_policy(precision)
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=unit_policy, reshard_after_forward=reshard_after_forward)
     # The root's parameters are needed again as soon as backward starts: never reshard them.
     fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(), reshard_after_forward=False)
     return model
@@ -73,20 +69,44 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, precision: str, reshard_afte
 class FSDP2Engine(Engine):
     name = "fsdp2"
 
-    def __init__(self, model: nn.Module, parallel_cfg, optim_cfg, device: torch.device,
-                 world_size: int, grad_accumulation_steps: int):
-        model.to(device)
-        self.mesh = build_mesh(device, world_size, parallel_cfg.replicate_degree)
-        shard_model(model, self.mesh, parallel_cfg.precision, parallel_cfg.reshard_after_forward,
-                    parallel_cfg.activation_checkpointing, parallel_cfg.compile)
-        super().__init__(model, model, build_optimizer(model, optim_cfg), device,
-                         parallel_cfg.precision, grad_accumulation_steps)
+    def __init__(self, model: nn.Module, units: list[nn.Module], setup: EngineSetup):
+        parallel = setup.parallel
+        self.mesh = build_mesh(setup.device, setup.world_size, parallel.replicate_degree)
+        shard_model(model, units, self.mesh, parallel.precision, parallel.reshard_after_forward)
+        super().__init__(model, model, build_optimizer(model, setup.parameter_groups, setup.optim), setup)
 
-    def backward(self, loss: torch.Tensor, sync_gradients: bool) -> None:
+    @classmethod
+    def shards_parameters(cls, parallel_cfg) -> bool:
+        return True
+
+    @contextlib.contextmanager
+    def _gradient_sync(self, sync: bool):
         # Without sync, gradients accumulate unsharded in fp32 locally and are reduce-scattered
         # on the last micro-batch (more memory, one reduction per optimizer step).
-        self.model.set_requires_gradient_sync(sync_gradients)
-        loss.backward()
+        self.model.set_requires_gradient_sync(sync)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
 
-    def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
-        return global_grad_norm(list(self.model.parameters()), max_norm)
+    @contextlib.contextmanager
+    def full_model(self):
+        # The root group (embeddings, position tables, head) is gathered for the whole context;
+        # each block all-gathers its own weights in its forward, as in training.
+        self.model.unshard()
+        try:
+            yield self.model
+        finally:
+            self.model.reshard()
+
+    @staticmethod
+    def state_bytes(num_params: float, unit_params: float, parallel_cfg, world_size: int,
+                    compute_bytes: int) -> tuple[float, float, float]:
+        """(parameters, gradients, AdamW states) bytes per GPU, for the dry run's estimate."""
+        shard = world_size // max(1, parallel_cfg.replicate_degree)
+        # Unsharded copies: two units in flight (current and prefetched), or every unit from
+        # forward to backward without resharding (ZeRO-2 behaviour).
+        gathered = (num_params if not parallel_cfg.reshard_after_forward else 2 * unit_params) * compute_bytes
+        params = 4 * num_params / shard + gathered
+        grads = 4 * num_params / shard + 2 * unit_params * 4
+        return params, grads, 8 * num_params / shard

@@ -1,44 +1,57 @@
-"""AdamW with the reference's two parameter groups.
+"""AdamW over the parameter groups the model defines.
 
-Weight decay applies to the matrices of the linear layers and the class embedding only; 1-D
-parameters, biases, the position/level/start embeddings, AdaLN gammas (`ada_gss`) and the
-attention temperature `scale_mul` are not decayed (decaying a learned position table or a
-temperature towards 0 only hurts). Groups carry a `name` so the trainer can tell which group's
-`weight_decay` it schedules; it sets every group's `lr` each step.
+The groups come from the model (`model.parameter_groups(weight_decay)`, or the plain
+matrices-only rule of var_train.models.param_groups) and are recorded by parameter name before
+any wrapper touches the model: activation checkpointing and compilation rename parameters
+(`_checkpoint_wrapped_module.`, `_orig_mod.`) and FSDP2 replaces them by DTensors, so the
+optimizer is built afterwards, from the same names. Groups keep their `name` ("decay" /
+"no_decay"): the trainer sets every group's `lr` each step and schedules the `weight_decay` of the
+"decay" group only.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 import torch.nn as nn
 
-# Substrings of parameter names that are never decayed (besides every 1-D parameter and bias).
-NO_WEIGHT_DECAY_NAMES = ("pos_start", "pos_1LC", "lvl_embed", "gamma", "ada_gss", "scale_mul")
-DECAY_GROUP, NO_DECAY_GROUP = "decay", "no_decay"
+from var_train.models.param_groups import model_parameter_groups
+
+# Prefixes that activation checkpointing and torch.compile insert into parameter names.
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 
-def wants_weight_decay(name: str, param: torch.Tensor) -> bool:
-    if param.ndim <= 1 or name.endswith("bias"):
-        return False
-    return not any(part in name for part in NO_WEIGHT_DECAY_NAMES)
+def clean_parameter_name(name: str) -> str:
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
 
 
-def parameter_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, param in named_parameters:
-        if param.requires_grad:
-            (decay if wants_weight_decay(name, param) else no_decay).append(param)
-    return [
-        {"name": DECAY_GROUP, "params": decay, "weight_decay": weight_decay},
-        {"name": NO_DECAY_GROUP, "params": no_decay, "weight_decay": 0.0},
-    ]
+def named_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """The model's groups with parameter names instead of parameters: [{"name", "param_names",
+    "weight_decay", ...}]. Call it on the plain model, before any wrapping."""
+    names = {id(param): clean_parameter_name(name) for name, param in model.named_parameters()}
+    groups = []
+    for group in model_parameter_groups(model, weight_decay):
+        unknown = [p for p in group["params"] if id(p) not in names]
+        if unknown:
+            raise ValueError(f"parameter group {group.get('name')!r} holds {len(unknown)} tensors that are "
+                             f"not parameters of the model")
+        entry = {key: value for key, value in group.items() if key != "params"}
+        entry["param_names"] = [names[id(p)] for p in group["params"]]
+        groups.append(entry)
+    return groups
 
 
-def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.AdamW:
-    """AdamW over `model`'s parameters (call it after sharding: FSDP2 replaces them by DTensors)."""
-    return torch.optim.AdamW(
-        parameter_groups(model.named_parameters(), optim_cfg.weight_decay),
-        lr=optim_cfg.base_lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
-    )
+def build_optimizer(model: nn.Module, parameter_groups: list[dict], optim_cfg) -> torch.optim.AdamW:
+    """AdamW over `model`'s current parameters (call it after sharding: FSDP2 replaces them),
+    grouped as `parameter_groups` (from `named_parameter_groups`) says."""
+    params = {clean_parameter_name(name): param for name, param in model.named_parameters()}
+    groups = []
+    for group in parameter_groups:
+        missing = [name for name in group["param_names"] if name not in params]
+        if missing:
+            raise ValueError(f"parameter group {group.get('name')!r}: the wrapped model has no {missing[:5]}")
+        entry = {key: value for key, value in group.items() if key != "param_names"}
+        entry["params"] = [params[name] for name in group["param_names"]]
+        groups.append(entry)
+    return torch.optim.AdamW(groups, lr=optim_cfg.base_lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)

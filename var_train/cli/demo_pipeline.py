@@ -1,5 +1,8 @@
 """`var-train demo`: the whole pipeline on real data that ships with scikit-learn, on a CPU.
 
+The demo is an orchestrator of both packages (data_prep's extraction, var_train's training and
+evaluation), so it lives in the command layer, beside the command that starts it (cli/demo.py).
+
     digits (1,797 8x8 scans, 10 classes) -> 64px ImageFolder          (var-prep demo-data)
     -> multi-scale VQVAE tokenizer trained for a few minutes           (var-prep train-tokenizer)
     -> token shards                                                    (var-prep extract)
@@ -13,18 +16,20 @@ interrupted demo continues where it stopped.
 
 from __future__ import annotations
 
-import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+from var_train.fileio import write_bytes_atomic, write_json_atomic
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_RECIPES = REPO_ROOT / "recipes"
 
 
 # A tokenizer that learns in about two minutes on 2 CPU cores: the digits are 8x8 scans, so 16px
@@ -45,6 +50,7 @@ class DemoConfig:
     cfg: float = 2.0
     seed: int = 0
     recipe: str = str(REPO_RECIPES / "demo.yaml")
+    precision: str = "auto"  # VAR training (bf16 on CPUs with native bf16) and sampling (auto = fp32 on CPUs)
 
 
 class Stages:
@@ -75,14 +81,29 @@ def _train_var(cfg: DemoConfig, shards: Path, vae: Path, run_dir: Path) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.nproc}", "--nnodes=1",
                "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
                "-m", "var_train.cli", "train", "--recipe", cfg.recipe, f"data.train_shards={shards}",
-               f"data.vae={vae}", f"run.output_dir={run_dir}", f"run.seed={cfg.seed}", *cfg.train_overrides]
+               f"data.vae={vae}", f"run.output_dir={run_dir}", f"run.seed={cfg.seed}",
+               f"parallel.precision={cfg.precision}", *cfg.train_overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                        os.environ.get("PYTHONPATH")]))}
     print("  " + " ".join(command), flush=True)
-    result = subprocess.run(command, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"VAR training exited with {result.returncode}; its run directory is {run_dir} "
+    process = subprocess.Popen(command, env=env)
+    try:
+        returncode = process.wait()
+    except BaseException:  # Ctrl-C: subprocess.run would SIGKILL torchrun at once and orphan its ranks
+        for stop, seconds in ((None, 10), (signal.SIGTERM, 120)):  # a terminal's Ctrl-C reached torchrun too
+            if stop is not None:  # only this process was signalled: torchrun passes SIGTERM on, ranks save
+                process.send_signal(stop)
+            try:
+                process.wait(timeout=seconds)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+        else:
+            process.kill()
+        raise
+    if returncode != 0:
+        raise RuntimeError(f"VAR training exited with {returncode}; its run directory is {run_dir} "
                            f"(run the demo again to resume it)")
 
 
@@ -97,14 +118,14 @@ def _free_port() -> int:
 def run_demo(cfg: DemoConfig) -> dict:
     from data_prep.demo_data import write_demo_data
     from data_prep.extract import ExtractConfig, extract_tokens
-    from data_prep.tokenizer_training import TokenizerTrainingConfig, train_tokenizer
     from var_train.checkpoint import export_checkpoint, latest_checkpoint
-    from var_train.evaluation.classifier import class_accuracy, train_classifier
-    from var_train.evaluation.features import build_feature_extractor
+    from var_train.evaluation.classifier import train_classifier
     from var_train.evaluation.reference_stats import compute_fid_stats
     from var_train.evaluation.standalone import EvalSettings, evaluate_checkpoint
     from var_train.generate import generate_images, write_samples
+    from var_train.models import SamplingSettings
     from var_train.models.checkpoint_io import load_vae, load_var
+    from var_train.tokenizer import TokenizerTrainingConfig, train_tokenizer
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,9 +148,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     else:
         result = train_tokenizer(TokenizerTrainingConfig(data_dir=str(images), output_dir=str(tokenizer_dir),
                                                          seed=cfg.seed, **preset))
+        if result.exit_code != 0:
+            raise RuntimeError(f"tokenizer training exited with {result.exit_code}; run the demo again to resume it")
         if result.model_path != vae_path:
-            vae_path.write_bytes(Path(result.model_path).read_bytes())
-        print(f"  held-out reconstruction: {result.val_before} -> {result.val_after}", flush=True)
+            write_bytes_atomic(vae_path, Path(result.model_path).read_bytes())
+        before, after = result.val_before.get("val/mse"), result.val_after.get("val/mse")
+        if before is not None and after is not None:
+            print(f"  held-out reconstruction MSE: {before:.4f} -> {after:.4f}", flush=True)
 
     stages.begin("token shards", f"{images} -> {shards}")
     if (shards / "manifest.json").is_file():
@@ -150,8 +175,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     var = load_var(var_path).eval()
     vae = load_vae(vae_path, patch_nums=list(var.patch_nums)).eval()
     labels = torch.arange(var.num_classes).repeat_interleave(8)
-    grid = write_samples(generate_images(var, vae, labels, cfg=cfg.cfg, top_k=0, top_p=0.0, seed=cfg.seed),
-                         labels, out / "samples", per_row=8, display_size=64)
+    sampling = SamplingSettings(cfg=cfg.cfg, top_k=0, top_p=0.0, seed=cfg.seed,  # the digits' 256 codes: no filter
+                                precision=cfg.precision)
+    grid = write_samples(generate_images(var, vae, labels, sampling), labels, out / "samples", per_row=8,
+                         display_size=64)
     print(f"  sample grid: {grid}", flush=True)
 
     stages.begin("digits classifier", "the feature extractor for FID/IS on this data")
@@ -166,21 +193,17 @@ def run_demo(cfg: DemoConfig) -> dict:
         compute_fid_stats(out=reference, images=images, feature_extractor=str(classifier))
 
     stages.begin("evaluation", f"{cfg.samples_per_class} samples per class against the real digits")
-    settings = EvalSettings(per_class=cfg.samples_per_class, cfg=cfg.cfg, top_k=0, top_p=0.0, seed=cfg.seed,
-                            feature_extractor=str(classifier), precision_recall=True)
+    settings = EvalSettings(sampling, per_class=cfg.samples_per_class, feature_extractor=str(classifier),
+                            precision_recall=True)
     report = evaluate_checkpoint(var_path, vae_path, out / "eval", reference=reference, settings=settings)
-    with np.load(report["samples_npz"]) as samples:
-        generated, generated_labels = torch.from_numpy(samples["arr_0"]).permute(0, 3, 1, 2), torch.from_numpy(samples["arr_1"])
-    accuracy = class_accuracy(build_feature_extractor(str(classifier)), generated, generated_labels)
     stages.end()
 
-    metrics = {k: report[k] for k in ("fid", "inception_score", "precision", "recall") if k in report}
-    metrics["class_accuracy"] = accuracy["class_accuracy"]
-    per_class = {k.split("/", 1)[1]: v for k, v in accuracy.items() if k.startswith("class_accuracy/")}
+    metrics = {k: report[k] for k in ("fid", "inception_score", "precision", "recall", "class_accuracy") if k in report}
+    per_class = {k.split("/", 1)[1]: v for k, v in report.items() if k.startswith("class_accuracy/")}
     summary = {"metrics": metrics, "class_accuracy_per_class": per_class, "stage_seconds": stages.seconds,
                "total_seconds": round(time.perf_counter() - stages.started, 1), "sample_grid": str(grid),
                "metrics_jsonl": str(run_dir / "metrics.jsonl")}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(out / "summary.json", summary)
     print("\n== demo results ==")
     for name, value in metrics.items():
         print(f"  {name:16s} {value:.4g}")

@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.vgg import cfgs, make_layers
 
+from var_train.errors import MismatchError, MissingInputError
+
 # torchvision VGG16 `features` indices right after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
 _VGG16_TAPS = (3, 8, 15, 22, 29)
 _VGG16_TAP_CHANNELS = (64, 128, 256, 512, 512)
@@ -30,10 +32,10 @@ def reconstruction_losses(reconstruction: torch.Tensor, images: torch.Tensor) ->
 def _load_state_dict_file(path: str | Path, what: str, flag: str) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path} (pass a local file with {flag}; nothing is downloaded)")
+        raise MissingInputError(f"{what} not found: {path} (pass a local file with {flag}; nothing is downloaded)")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
-        raise ValueError(f"{path} is not a state dict ({what})")
+        raise MismatchError(f"{path} is not a state dict ({what})")
     return state
 
 
@@ -47,7 +49,7 @@ class LPIPS(nn.Module):
         vgg = make_layers(cfgs["D"], batch_norm=False)[: _VGG16_TAPS[-1] + 1]  # VGG16's `features`
         missing, unexpected = vgg.load_state_dict(features or vgg_state, strict=False)
         if missing:
-            raise ValueError(f"{vgg16_weights} lacks VGG16 feature weights: {missing[:6]} ...")
+            raise MismatchError(f"{vgg16_weights} lacks VGG16 feature weights: {missing[:6]} ...")
         self.stages = nn.ModuleList()
         start = 0
         for tap in _VGG16_TAPS:
@@ -58,7 +60,7 @@ class LPIPS(nn.Module):
         for i, channels in enumerate(_VGG16_TAP_CHANNELS):
             key = f"lin{i}.model.1.weight"
             if key not in lin_state or lin_state[key].shape != (1, channels, 1, 1):
-                raise ValueError(f"{lpips_weights} is not LPIPS' vgg.pth: needs {key} of shape (1, {channels}, 1, 1)")
+                raise MismatchError(f"{lpips_weights} is not LPIPS' vgg.pth: needs {key} of shape (1, {channels}, 1, 1)")
             head = nn.Conv2d(channels, 1, 1, bias=False)
             head.weight.data.copy_(lin_state[key])
             self.heads.append(head)

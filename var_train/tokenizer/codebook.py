@@ -18,10 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from var_train.models import MultiScaleQuantizer
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+from var_train.parallel.distributed import all_reduce_sum, get_rank, get_world_size
 
 
 def code_hits_per_scale(tokens_per_scale: list[torch.Tensor], vocab_size: int) -> torch.Tensor:
@@ -42,16 +39,14 @@ class CodebookUsageWindow:
     def report(self, prefix: str = "") -> dict[str, float]:
         """Collective when distributed. Per scale: the fraction of the vocabulary hit in the window
         and the perplexity exp(H) of the window's code distribution (1 = one code, V = uniform)."""
-        hits = self.hits.clone()
-        if _distributed():
-            dist.all_reduce(hits)
+        hits = all_reduce_sum(self.hits)
         metrics = {}
         for pn, counts in zip(self.patch_nums, hits):
             total = counts.sum()
             probs = counts / total.clamp_min(1)
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
             metrics[f"{prefix}codebook_usage_pn{pn}"] = (counts > 0).float().mean().item()
-            metrics[f"{prefix}perplexity_pn{pn}"] = math.exp(entropy.item()) if total > 0 else 0.0
+            metrics[f"{prefix}codebook_perplexity_pn{pn}"] = math.exp(entropy.item()) if total > 0 else 0.0
         self.hits.zero_()
         return metrics
 
@@ -108,8 +103,7 @@ class DeadCodeRestarter:
         hits = torch.zeros(self.vocab_size, device=self.steps_since_used.device)
         for tokens in tokens_per_scale:
             hits += torch.bincount(tokens.flatten(), minlength=self.vocab_size).float()
-        if _distributed():
-            dist.all_reduce(hits)
+        hits = all_reduce_sum(hits)
         self.steps_since_used += 1
         self.steps_since_used[hits > 0] = 0
 
@@ -129,11 +123,11 @@ class DeadCodeRestarter:
         if dead.numel() == 0:
             return 0
         weight = quantizer.embedding.weight
-        if not _distributed() or dist.get_rank() == 0:
+        if get_rank() == 0:
             vectors = draw_restart_vectors(candidates_per_scale, dead.numel(), self.generator).to(weight)
         else:
             vectors = torch.empty(dead.numel(), weight.shape[1], dtype=weight.dtype, device=weight.device)
-        if _distributed():
+        if get_world_size() > 1:
             dist.broadcast(vectors, src=0)
         weight[dead] = vectors
         if optimizer is not None:

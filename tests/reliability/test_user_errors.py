@@ -1,0 +1,103 @@
+"""Bad configs and wrong files, through the commands: one line `error: ...`, exit 2, no traceback
+(`--debug` / VAR_TRAIN_DEBUG=1 add it); the same for `var-prep`."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.reliability.helpers import assert_one_line_error, environment, run_command, train_args
+from tests.training.learnable_shards import make_learnable_shards, make_tiny_vae
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("user_errors")
+    return make_learnable_shards(root / "shards", num_records=32), make_tiny_vae(root / "vae.safetensors"), root
+
+
+def _main_error(capsys, argv: list, main=None) -> str:
+    """Run the command in this process; -> its single `error: ...` line (exit 2, no traceback)."""
+    from var_train.cli import main as var_train_main
+
+    code = (main or var_train_main)([str(a) for a in argv])
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("error")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    return lines[0]
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("optim.global_batch_size=-16", "optim.global_batch_size must be at least 1, got -16"),
+    ("optim.micro_batch_size=0", "optim.micro_batch_size must be at least 1, got 0"),
+    ("model.depth=0", "model.depth must be at least 1, got 0"),
+    ("model.label_dropout=1.5", "model.label_dropout must be between 0 and 1, got 1.5"),
+    ("optim.base_lr=.nan", "optim.base_lr must be a finite number"),
+    ("optim.global_batch_size=6", "must be a multiple of optim.micro_batch_size 4"),
+    ("eval.top_p=2", "eval.top_p must be between 0 and 1"),
+])
+def test_bad_numbers_exit_2_with_one_line(data, tmp_path, capsys, override, fragment):
+    shards, vae, _ = data
+    line = _main_error(capsys, train_args(shards, vae, tmp_path / "run", override))
+    assert fragment in line
+    assert not (tmp_path / "run").exists()  # nothing written for a config that cannot run
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path, capsys):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("model:\n  depth: 2\n  embed_dim: [64\noptim: {}\n")
+    assert f"{recipe}:4:6: invalid YAML" in _main_error(capsys, ["train", "--recipe", recipe])
+    proc = run_command("var-train", "train", "--recipe", recipe, timeout=60)  # and as a fresh process
+    assert_one_line_error(proc, f"{recipe}:4:6: invalid YAML")
+
+
+def test_debug_flag_and_environment_show_the_traceback(tmp_path):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("model: [\n")
+    for proc in (run_command("var-train", "--debug", "train", "--recipe", recipe, timeout=60),
+                 run_command("var-train", "train", "--recipe", recipe, timeout=60,
+                             env=environment(VAR_TRAIN_DEBUG="1"))):
+        assert proc.returncode == 2 and "Traceback" in proc.stderr and "error: " in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("case", ["missing_vae", "var_as_vae", "missing_shards", "class_mismatch"])
+def test_wrong_files_at_start_of_training(data, tmp_path, case):
+    shards, vae, root = data
+    overrides, fragment = {
+        "missing_vae": ([f"data.vae={root / 'nope.pth'}"], "VAE not found"),
+        "var_as_vae": ([f"data.vae={_tiny_var(root)}"], "is not a VQVAE checkpoint (it is a VAR"),
+        "missing_shards": ([f"data.train_shards={root / 'no_shards'}"], "data.train_shards not found"),
+        "class_mismatch": (["model.num_classes=7"], "num_classes: shards 10, model 7"),
+    }[case]
+    proc = run_command("var-train", *train_args(shards, vae, tmp_path / "run", "model.num_classes=10", *overrides),
+                       timeout=120)
+    assert_one_line_error(proc, fragment)
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_var_given_where_a_vae_is_expected_and_the_reverse_in_sampling(data, tmp_path):
+    _, vae, root = data
+    var = _tiny_var(root)
+    proc = run_command("var-train", "sample", "--var", vae, "--vae", vae, "--out", tmp_path / "s", timeout=60)
+    assert_one_line_error(proc, "is not a VAR checkpoint (it is a VQVAE")
+    proc = run_command("var-train", "sample", "--var", var, "--vae", var, "--out", tmp_path / "s", timeout=60)
+    assert_one_line_error(proc, "is not a VQVAE checkpoint (it is a VAR")  # --vae checked first
+
+
+def test_var_prep_user_errors_exit_2_with_one_line(data, tmp_path):
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    proc = run_command("var-prep", "extract", tmp_path / "images", "--vae", tmp_path / "missing.pth",
+                       "--out", tmp_path / "out", "--no-progress", timeout=60)
+    assert_one_line_error(proc, "VQVAE checkpoint not found")
+    proc = run_command("var-prep", "verify", tmp_path / "images", timeout=60)
+    assert_one_line_error(proc, "no manifest.json")
+
+
+def _tiny_var(root):
+    from tests.models.tiny import VAR_KW
+    from var_train.models import VAR
+    from var_train.models.checkpoint_io import save_model
+
+    path = root / "var.safetensors"
+    if not path.exists():
+        save_model(VAR(**VAR_KW), path)
+    return path

@@ -45,7 +45,7 @@ def loop_step(trainer, log_every: int):
             images_per_s = images_per_step * log_every / (now - last[0])
             last[0] = now
             trainer.logger.log(trainer.step, trainer._train_metrics(out, images_per_s, tokens_per_image, None))
-        trainer.preemption.should_stop(trainer.device)
+        trainer.preemption.stop_code(trainer.device)
     return step
 
 
@@ -60,7 +60,7 @@ def component_times(trainer, log_every: int, repeats: int = 40) -> dict[str, flo
     with redirect_stdout(io.StringIO()):  # the console line is timed, not shown
         log = timed(lambda: trainer.logger.log(trainer.step, trainer._train_metrics(out, 1.0, tokens_per_image, None)),
                     repeats)
-    stop = timed(lambda: trainer.preemption.should_stop(trainer.device), repeats)
+    stop = timed(lambda: trainer.preemption.stop_code(trainer.device), repeats)
     accumulation = trainer.accumulation
     return {"next micro-batch": data * accumulation, "teacher input": teacher * accumulation,
             "log line / log_every": log / log_every, "preemption all-reduce": stop}

@@ -18,9 +18,9 @@ import sys
 import traceback
 
 from var_train.errors import EXIT_CODE_USER_ERROR, UserError
+from var_train.preemption import EXIT_CODE_INTERRUPTED
 
 DEBUG_ENV = "VAR_TRAIN_DEBUG"
-EXIT_CODE_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
 
 def build_parser(prog: str, module_names: list[str], description: str) -> argparse.ArgumentParser:
@@ -84,7 +84,7 @@ def run_command_line(prog: str, module_names: list[str], description: str, argv:
     except KeyboardInterrupt:  # Ctrl-C is the user's choice, not a bug: no traceback unless --debug
         if debug:
             traceback.print_exc()
-        print("interrupted (Ctrl-C): work not yet saved is lost (training: the steps since the newest checkpoint); "
-              "run the same command again to resume (`kill -TERM <pid>` instead saves a checkpoint first)",
+        print("interrupted (Ctrl-C): work not yet saved is lost (a training run's first Ctrl-C saves a checkpoint "
+              "before it exits; a second one quits without it); run the same command again to resume",
               file=sys.stderr, flush=True)
         return EXIT_CODE_INTERRUPTED

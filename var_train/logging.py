@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
-from var_train.fileio import LineAppender, write_json_atomic
+from var_train.fileio import LineAppender, write_json_atomic, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_RUN_FILE = "wandb_run.json"
@@ -72,7 +72,9 @@ def _console_label(metrics: dict) -> str:
 
 class MetricLogger:
     def __init__(self, logging_cfg, run_dir: str | Path, config_dict: dict, is_main: bool,
-                 resume_run_id: str | None = None):
+                 resume_run_id: str | None = None, resume_step: int | None = None):
+        """`resume_step`: the step a resumed training job restarts from; rows of metrics.jsonl past
+        it describe steps that will be trained again, and are dropped so that each step has one."""
         self.cfg = logging_cfg
         self.run_dir = Path(run_dir)
         self.is_main = is_main
@@ -83,6 +85,11 @@ class MetricLogger:
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            dropped = drop_rows_after(self.run_dir / METRICS_FILE, resume_step)
+            if dropped:
+                print(f"{METRICS_FILE}: dropped {dropped} rows after step {resume_step} (steps since the checkpoint, "
+                      f"trained again now)", flush=True)
         # Whole lines only (a full disk cuts the file back), a torn last line from a crash dropped on resume.
         self._jsonl = LineAppender(self.run_dir / METRICS_FILE)
         if self._jsonl.repaired:
@@ -238,6 +245,24 @@ class MetricLogger:
         if self._wandb_run is not None:
             run, self._wandb_run = self._wandb_run, None
             self._wandb("finish", lambda: run.finish(exit_code=exit_code))
+
+
+def drop_rows_after(path: Path, step: int) -> int:
+    """Rewrite a metrics JSONL file (atomically) without its rows of steps after `step`; -> how many."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            row_step = json.loads(line).get("step")
+        except ValueError:  # a torn last line: LineAppender's repair handles it
+            row_step = None
+        if not (isinstance(row_step, int) and row_step > step):
+            kept.append(line)
+    if len(kept) < len(lines):
+        write_text_atomic(path, "".join(kept))
+    return len(lines) - len(kept)
 
 
 @contextlib.contextmanager

@@ -31,7 +31,8 @@ from var_train.parallel import build_engine, init_distributed
 from var_train.parallel.distributed import all_reduce_mean
 from var_train.parallel.ema import ParameterEMA
 from var_train.precision import resolve_precision
-from var_train.preemption import EXIT_CODE_NONFINITE, EXIT_CODE_PREEMPTED, PreemptionHandler
+from var_train.preemption import (EXIT_CODE_INTERRUPTED, EXIT_CODE_NONFINITE, EXIT_CODE_PREEMPTED,
+                                  PreemptionHandler, stop_message)
 from var_train.scaling.summary import TrainingCompute, read_summary, validation_record, write_summary
 from var_train.schedules import build_schedule
 
@@ -40,7 +41,7 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 @dataclass
 class TrainResult:
-    exit_code: int  # 0 done, EXIT_CODE_PREEMPTED, EXIT_CODE_NONFINITE
+    exit_code: int  # 0 done, EXIT_CODE_PREEMPTED, EXIT_CODE_INTERRUPTED, EXIT_CODE_NONFINITE
     step: int
     run_dir: Path
 
@@ -103,6 +104,14 @@ class Trainer:
             cfg.model, cfg.data, warn=self._start_messages.append,
             eval_vae=cfg.eval.vae if (cfg.eval.every_steps > 0 or cfg.eval.at_end) else None)
 
+        # The evaluator checks its files (Inception weights, reference statistics) here, before the
+        # run directory is written: a missing file is one line and leaves nothing behind.
+        self.evaluator = None
+        if cfg.eval.every_steps > 0 or cfg.eval.at_end:
+            from var_train.evaluation.scheduled import ScheduledEvaluator
+            eval_cfg = dataclasses.replace(cfg.eval, vae=cfg.eval.vae or cfg.data.vae)
+            self.evaluator = ScheduledEvaluator(eval_cfg, cfg.model, self.device)
+
         # Same initial weights on every rank, then per-rank streams for label dropout and drop-path.
         torch.manual_seed(cfg.run.seed)
         model, warm_start_report = build_model_with_report(cfg)
@@ -153,7 +162,8 @@ class Trainer:
             self.compute.load_state_dict(resumed.get("compute"), step=self.step,
                                          global_batch_size=cfg.optim.global_batch_size)
             wandb_run_id = resumed.get("wandb_run_id")
-        self.logger = MetricLogger(cfg.logging, self.run_dir, cfg.to_dict(), self.is_main, wandb_run_id)
+        self.logger = MetricLogger(cfg.logging, self.run_dir, cfg.to_dict(), self.is_main, wandb_run_id,
+                                   resume_step=self.step if resumed is not None else None)
         for message in self._start_messages:
             self.logger.message(message)
         if warm_start_report is not None and resumed is None:
@@ -163,12 +173,6 @@ class Trainer:
         if resumed is not None:
             self.logger.message(f"resumed from step {self.step} (epoch {self.loader.epoch}, "
                                 f"{self.loader.batches_consumed} batches into it)")
-        self.evaluator = None
-        if cfg.eval.every_steps > 0 or cfg.eval.at_end:
-            from var_train.evaluation.scheduled import ScheduledEvaluator
-            if cfg.eval.vae is None:
-                cfg.eval.vae = cfg.data.vae
-            self.evaluator = ScheduledEvaluator(cfg.eval, cfg.model, self.device)
         self.class_names = list(self.loader.manifest.class_names)
         self.sample_grid = None
         if cfg.eval.grid_every_steps > 0:  # no Inception file, no reference: generation and decoding only
@@ -176,7 +180,7 @@ class Trainer:
             self.sample_grid = SampleGrid(cfg.eval, cfg.model, self.device, vae_path=cfg.eval.vae or cfg.data.vae,
                                           vae=self.evaluator.vae if self.evaluator is not None else None,
                                           class_names=list(self.loader.manifest.class_names))
-        self.preemption = PreemptionHandler()
+        self.preemption = PreemptionHandler(announce=self.is_main)
         self._batches = None
         # The latest validation of this run (kept across a resume through summary.json).
         previous = read_summary(self.run_dir) if resumed is not None else None
@@ -350,11 +354,11 @@ class Trainer:
                 if cfg.checkpoint.every_steps > 0 and self.step % cfg.checkpoint.every_steps == 0 and not last:
                     self.save_checkpoint()
                 stop_requested = cfg.run.stop_after_steps is not None and self.step >= cfg.run.stop_after_steps
-                if self.preemption.should_stop(self.device) or (stop_requested and not last):
+                stop_code = self.preemption.stop_code(self.device, planned=stop_requested and not last)
+                if stop_code is not None:
                     self.save_checkpoint(blocking=True)
-                    self.logger.message(f"preempted: checkpoint saved at step {self.step}; exiting with "
-                                        f"{EXIT_CODE_PREEMPTED} so the job can be requeued")
-                    exit_code = EXIT_CODE_PREEMPTED
+                    self.logger.message(stop_message(stop_code, self.step))
+                    exit_code = stop_code
                     break
             else:
                 exit_code = 0
@@ -383,7 +387,8 @@ class Trainer:
         its size and its compute (summary.json has the scaling fields too)."""
         if not self.is_main:
             return
-        status = {0: "finished", EXIT_CODE_PREEMPTED: "preempted", EXIT_CODE_NONFINITE: "stopped_nonfinite"}
+        status = {0: "finished", EXIT_CODE_PREEMPTED: "preempted", EXIT_CODE_INTERRUPTED: "interrupted",
+                  EXIT_CODE_NONFINITE: "stopped_nonfinite"}
         self.logger.summary({
             "final/step": self.step, "final/total_steps": self.total_steps,
             "final/status": status.get(exit_code, "crashed"),

@@ -4,7 +4,6 @@ one-line refusals (FSDP on a CPU, conflicting precision, Accelerate's own compil
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -83,14 +82,18 @@ def test_accelerate_ddp_trains_like_the_native_ddp_engine_and_resumes_exactly():
         assert check in output, f"missing {check!r} in:\n{output}"
 
 
+def test_deepspeed_through_accelerate_without_transformers_is_one_line(monkeypatch):
+    # Accelerate 1.15's DeepSpeed plugin imports transformers unconditionally: without it the
+    # engine must say so in one line (and point at the native deepspeed engine). A None entry in
+    # sys.modules is how Python itself marks a module as not importable.
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    advice = r"pip install 'var-train\[accelerate-deepspeed\]'.*parallel\.engine=deepspeed"
+    with pytest.raises(ConfigError, match=advice):
+        accelerate_settings(_parallel("deepspeed_zero2.yaml"), "cpu")
+
+
 @pytest.mark.distributed
 def test_deepspeed_through_accelerate():
-    if importlib.util.find_spec("transformers") is None:
-        # Accelerate 1.15's DeepSpeed plugin imports transformers unconditionally: without it the
-        # engine must say so in one line (and point at the native deepspeed engine).
-        with pytest.raises(ConfigError, match=r"pip install transformers.*parallel\.engine=deepspeed"):
-            accelerate_settings(_parallel("deepspeed_zero2.yaml"), "cpu")
-        return
     output = run_torchrun(WORKER, "deepspeed", nproc=2, timeout=400).stdout
     for check in ("OK accelerate deepspeed_zero2.yaml == native deepspeed (accumulation 2)",
                   "distributed type DistributedType.DEEPSPEED",

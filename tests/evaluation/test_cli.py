@@ -100,9 +100,10 @@ def test_eval_with_two_ranks_gives_the_same_samples_and_metrics(setup, one_rank,
         np.testing.assert_array_equal(two["arr_0"], one["arr_0"])
 
 
-def test_eval_reports_a_missing_reference_before_sampling(setup, tmp_path):
+def test_eval_reports_a_missing_reference_before_sampling(setup, tmp_path, capsys):
     args = _eval_args(setup, tmp_path / "out")
     args[args.index("--reference") + 1] = str(tmp_path / "nope.npz")
-    with pytest.raises(FileNotFoundError, match="reference not found"):
-        var_train(args)
+    assert var_train(args) == 2  # a user error: one line, no traceback
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and f"reference not found: {tmp_path / 'nope.npz'}" in errors[0], errors
     assert not (tmp_path / "out" / "samples").exists()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tests.evaluation.helpers import seeded_classifier
+from var_train.errors import MissingInputError
 from var_train.evaluation.features import build_feature_extractor, to_uint8_images
 from var_train.evaluation.inception import (INCEPTION_WEIGHTS_FILENAME, InceptionFeatureExtractor,
                                             MissingInceptionWeightsError, default_inception_weights_path)
@@ -57,7 +58,7 @@ def test_classifier_extractor_round_trips_through_its_checkpoint(tmp_path):
     assert loaded.num_logits == 10 and loaded.name.startswith("small-cnn-classifier-")
     loaded.train()
     assert not loaded.training  # an extractor never leaves eval mode
-    with pytest.raises(FileNotFoundError, match="is neither") as error:
+    with pytest.raises(MissingInputError, match="is neither") as error:
         build_feature_extractor(str(tmp_path / "missing.safetensors"))
     assert "'inception'" in str(error.value) and "classifier checkpoint" in str(error.value)
 

@@ -59,7 +59,8 @@ def test_debug_flag_and_environment_show_the_traceback(tmp_path):
         assert proc.returncode == 2 and "Traceback" in proc.stderr and "error: " in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("case", ["missing_vae", "var_as_vae", "missing_shards", "class_mismatch"])
+@pytest.mark.parametrize("case", ["missing_vae", "var_as_vae", "missing_shards", "class_mismatch",
+                                  "missing_inception", "missing_feature_extractor", "missing_reference_stats"])
 def test_wrong_files_at_start_of_training(data, tmp_path, case):
     shards, vae, root = data
     overrides, fragment = {
@@ -67,11 +68,18 @@ def test_wrong_files_at_start_of_training(data, tmp_path, case):
         "var_as_vae": ([f"data.vae={_tiny_var(root)}"], "is not a VQVAE checkpoint (it is a VAR"),
         "missing_shards": ([f"data.train_shards={root / 'no_shards'}"], "data.train_shards not found"),
         "class_mismatch": (["model.num_classes=7"], "num_classes: shards 10, model 7"),
+        # A scheduled evaluation's files are checked before anything is written, not at its first run.
+        "missing_inception": (["eval.at_end=true", f"eval.inception_weights={root / 'no_inception.pth'}"],
+                              "no_inception.pth"),
+        "missing_feature_extractor": (["eval.at_end=true", f"eval.feature_extractor={root / 'no_cnn.safetensors'}"],
+                                      "no_cnn.safetensors' is neither"),
+        "missing_reference_stats": (["eval.at_end=true", f"eval.feature_extractor={_digit_classifier(root)}",
+                                     f"eval.reference_stats={root / 'no_stats.npz'}"], "no_stats.npz"),
     }[case]
     proc = run_command("var-train", *train_args(shards, vae, tmp_path / "run", "model.num_classes=10", *overrides),
                        timeout=120)
     assert_one_line_error(proc, fragment)
-    assert not (tmp_path / "run" / "config.yaml").exists()
+    assert not (tmp_path / "run").exists()  # no config.yaml, no empty metrics.jsonl
 
 
 def test_var_given_where_a_vae_is_expected_and_the_reverse_in_sampling(data, tmp_path):
@@ -90,6 +98,15 @@ def test_var_prep_user_errors_exit_2_with_one_line(data, tmp_path):
     assert_one_line_error(proc, "VQVAE checkpoint not found")
     proc = run_command("var-prep", "verify", tmp_path / "images", timeout=60)
     assert_one_line_error(proc, "no manifest.json")
+
+
+def _digit_classifier(root):
+    from tests.evaluation.helpers import seeded_classifier
+
+    path = root / "classifier.safetensors"
+    if not path.exists():
+        seeded_classifier(0).save(path)
+    return path
 
 
 def _tiny_var(root):

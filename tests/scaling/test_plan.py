@@ -157,3 +157,14 @@ def test_scaling_demo_holds_out_one_image_in_seven_per_class(tmp_path):
         kept = sorted(p.name for p in (train / str(label)).iterdir())
         assert held_out == [f"{label}00.png", f"{label}07.png", f"{label}14.png"]
         assert len(kept) == 12 and not set(kept) & set(held_out)
+
+
+def test_submit_checks_the_data_before_any_job_is_queued(tmp_path):
+    # Twelve jobs that would each fail at start after waiting in the queue: one line now instead.
+    proc = subprocess.run([sys.executable, "-m", "var_train.cli", "scaling", "plan", "--recipe", "recipes/d16.yaml",
+                           "--world-size", "64", "--submit", f"data.train_shards={tmp_path / 'no_shards'}",
+                           f"data.vae={tmp_path / 'vae.pth'}"], cwd=REPO_ROOT, capture_output=True, text=True)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"data.train_shards not found: {tmp_path / 'no_shards'}" in errors[0]
+    assert "sbatch" not in proc.stdout + proc.stderr

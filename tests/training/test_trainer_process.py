@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,3 +87,23 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(data, tmp_path):
     assert proc.returncode == EXIT_CODE_NONFINITE, proc.stdout + proc.stderr
     assert "consecutive steps had a non-finite loss" in proc.stdout
     assert read_metadata(latest_checkpoint(stopped / "checkpoints"))["step"] == 5
+
+
+def test_a_resume_after_a_lost_checkpoint_keeps_one_metrics_row_per_step(data, tmp_path):
+    run_dir = tmp_path / "run"
+    first = subprocess.run(command(data, run_dir, "optim.max_steps=6", "checkpoint.every_steps=3"),
+                           cwd=REPO_ROOT, env=environment(), capture_output=True, text=True, timeout=240)
+    assert first.returncode == 0, first.stdout + first.stderr
+    # A crash after step 6 was logged but before its checkpoint was committed: the run has rows
+    # for steps 4-6 that the resumed job trains again from step 3.
+    shutil.rmtree(latest_checkpoint(run_dir / "checkpoints"))
+    assert read_metadata(latest_checkpoint(run_dir / "checkpoints"))["step"] == 3
+    before = [row["step"] for row in metrics(run_dir) if "train/loss" in row]
+    assert before == [1, 2, 3, 4, 5, 6], before
+
+    again = subprocess.run(command(data, run_dir, "optim.max_steps=6", "checkpoint.every_steps=3"),
+                           cwd=REPO_ROOT, env=environment(), capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resumed from step 3" in again.stdout and "dropped 3 rows after step 3" in again.stdout, again.stdout
+    steps = [row["step"] for row in metrics(run_dir) if "train/loss" in row]
+    assert steps == [1, 2, 3, 4, 5, 6], steps

@@ -11,7 +11,7 @@ valid ones. The run directory (run.output_dir) receives config.yaml, metrics.jso
 and checkpoints/; a restart with the same output_dir resumes from the newest checkpoint.
 
 Exit codes: 0 done; 42 preempted (SIGTERM/SIGUSR1 -> checkpoint -> exit: requeue the job);
-43 stopped after too many consecutive non-finite steps (checkpoint saved); 2 a user error (bad config,
+130 Ctrl-C (checkpoint -> exit; a second Ctrl-C quits without saving); 43 stopped after too many consecutive non-finite steps (checkpoint saved); 2 a user error (bad config,
 missing or mismatched files, a checkpoint of another model, a full disk): one line `error: ...`.
 """
 
@@ -39,7 +39,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)  # ConfigError -> one line `error: ...`, exit 2 (command_line.py)
     if args.dry_run:
         from var_train.dry_run import describe
-        print(describe(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1"))))
+        from var_train.parallel import grad_accumulation_steps
+
+        world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        print(describe(cfg, world_size))
+        grad_accumulation_steps(cfg.optim, world_size)  # a batch that does not split: the plan, then error, exit 2
         return 0
     missing = [name for name, value in (("data.train_shards", cfg.data.train_shards), ("data.vae", cfg.data.vae)) if not value]
     if missing:

@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from var_train.data.images import IMAGE_EXTENSIONS, class_folders, list_image_files, read_image_rgb
+from var_train.errors import MismatchError, MissingInputError
 from var_train.fileio import atomic_write
 
 from .features import ExtractedFeatures, ExtractorKind, FeatureExtractor, register_extractor, to_uint8_images
@@ -97,8 +98,8 @@ class ClassifierFeatureExtractor(FeatureExtractor):
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         if CONFIG_METADATA_KEY not in metadata:
-            raise ValueError(f"{path} is not a classifier checkpoint written by train_classifier "
-                             f"(no {CONFIG_METADATA_KEY!r} in its metadata)")
+            raise MismatchError(f"{path} is not a classifier checkpoint written by train_classifier "
+                                f"(no {CONFIG_METADATA_KEY!r} in its metadata)")
         extractor = cls(ClassifierConfig(**json.loads(metadata[CONFIG_METADATA_KEY])), _file_digest(path))
         extractor.network.load_state_dict(load_file(str(path)), strict=True)
         extractor.network.requires_grad_(False)
@@ -136,7 +137,7 @@ def read_image_folder(root: str | Path, resolution: int | None = None) -> tuple[
             images.append(np.asarray(image))
             labels.append(label)
     if not images:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+        raise MissingInputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return pixels, torch.tensor(labels), [d.name for d in class_dirs]
 

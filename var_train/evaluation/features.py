@@ -23,6 +23,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from var_train.errors import MissingInputError
+
 
 @dataclass
 class ExtractedFeatures:
@@ -96,7 +98,7 @@ def build_feature_extractor(spec: str = "inception", *, inception_weights: str |
             extractor = kind.build(str(spec), inception_weights=inception_weights)
             return extractor.to(device).eval()
     accepted = " nor ".join(kind.description for kind in _KINDS.values())
-    raise FileNotFoundError(f"feature extractor {spec!r} is neither {accepted}")
+    raise MissingInputError(f"feature extractor {spec!r} is neither {accepted}")
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from var_train.errors import MissingInputError
+from var_train.errors import MismatchError, MissingInputError
 
 from .features import ExtractedFeatures, ExtractorKind, FeatureExtractor, register_extractor
 
@@ -54,8 +54,8 @@ def resolve_inception_weights(path: str | Path | None = None) -> Path:
 def _load_inception_state_dict(path: Path) -> dict[str, torch.Tensor]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or "fc.weight" not in state or "Conv2d_1a_3x3.conv.weight" not in state:
-        raise ValueError(f"{path} is not torch-fidelity's Inception v3 state dict "
-                         f"({INCEPTION_WEIGHTS_FILENAME})")
+        raise MismatchError(f"{path} is not torch-fidelity's Inception v3 state dict "
+                            f"({INCEPTION_WEIGHTS_FILENAME})")
     return state
 
 

@@ -30,6 +30,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.utilities import dim_zero_cat
 
+from var_train.errors import ConfigError
 from var_train.parallel.distributed import get_rank
 
 from .features import ExtractedFeatures, FeatureExtractor
@@ -143,8 +144,8 @@ class PrecisionRecall:
 
     def __init__(self, reference: ReferenceStatistics, neighbourhood: int, device: torch.device):
         if reference.features is None:
-            raise ValueError(f"precision/recall need per-image reference features; {reference.source} "
-                             f"has only mu/sigma")
+            raise ConfigError(f"precision/recall need per-image reference features; {reference.source} "
+                              f"has only mu/sigma")
         self.metric = ImprovedPrecisionRecall(torch.from_numpy(reference.features), k=neighbourhood).to(device)
 
     def update(self, extracted, sample_indices, labels) -> None:
@@ -234,7 +235,7 @@ class GenerativeMetrics:
             if precision_recall:
                 self.metrics["precision_recall"] = PrecisionRecall(reference, neighbourhood, self.device)
         elif precision_recall:
-            raise ValueError("precision/recall need a reference (stats .npz with features, ADM batch or image folder)")
+            raise ConfigError("precision/recall need a reference (stats .npz with features, ADM batch or image folder)")
         if inception_score and extractor.num_logits is not None:
             self.metrics["inception_score"] = InceptionScoreOfLogits(extractor.num_logits, splits, self.device)
         if num_classes is not None and extractor.num_logits == num_classes:

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from var_train.errors import ConfigError
 from var_train.models import generate_batch
 from var_train.parallel.distributed import is_main_process
 
@@ -45,7 +46,7 @@ class SampleGrid:
         self.device = torch.device(device)
         if vae is None:
             if not vae_path:
-                raise ValueError("eval.grid_every_steps needs a full VQVAE to decode (eval.vae or data.vae)")
+                raise ConfigError("eval.grid_every_steps needs a full VQVAE to decode (eval.vae or data.vae)")
             vae = load_vae(vae_path, patch_nums=list(model_cfg.patch_nums))
         self.vae = vae.to(self.device).eval().requires_grad_(False)
         self.labels = spread_labels(int(eval_cfg.grid_samples), int(model_cfg.num_classes))

@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from var_train.data.images import list_image_files, read_image_rgb
+from var_train.errors import MismatchError, MissingInputError
 from var_train.fileio import atomic_write
 from var_train.parallel.distributed import barrier, collective_device, get_rank, get_world_size, is_main_process
 
@@ -53,9 +54,9 @@ class ReferenceStatistics:
     def check_extractor(self, extractor: FeatureExtractor) -> None:
         same = self.extractor == extractor.name or (self.extractor in INCEPTION_NAMES and extractor.name in INCEPTION_NAMES)
         if not same or self.num_features != extractor.num_features:
-            raise ValueError(f"reference statistics {self.source or ''} were computed with {self.extractor!r} "
-                             f"({self.num_features} features), but evaluation uses {extractor.name!r} "
-                             f"({extractor.num_features} features): recompute them with `var-train fid-stats`")
+            raise MismatchError(f"reference statistics {self.source or ''} were computed with {self.extractor!r} "
+                                f"({self.num_features} features), but evaluation uses {extractor.name!r} "
+                                f"({extractor.num_features} features): recompute them with `var-train fid-stats`")
 
 
 def statistics_from_features(features: torch.Tensor | np.ndarray, extractor_name: str, resolution: int | None,
@@ -124,8 +125,8 @@ def token_shard_batches(shards_dir: str | Path, vae, batch_size: int, rank: int 
 
     manifest = read_manifest(shards_dir)
     if list(manifest.patch_nums) != list(vae.patch_nums):
-        raise ValueError(f"token shards {shards_dir} use patch_nums {tuple(manifest.patch_nums)}, the VQVAE "
-                         f"{tuple(vae.patch_nums)}")
+        raise MismatchError(f"token shards {shards_dir} use patch_nums {tuple(manifest.patch_nums)}, the VQVAE "
+                            f"{tuple(vae.patch_nums)}")
     sizes = [pn * pn for pn in manifest.patch_nums]
     device = next(vae.parameters()).device
     quota = None if limit is None else limit // world_size + (rank < limit % world_size)
@@ -221,7 +222,7 @@ def load_reference(path: str | Path, extractor: FeatureExtractor, *, need_featur
         return statistics_of_images(files, extractor, resolution=resolution or folder_resolution(files),
                                     batch_size=batch_size, progress=progress, source=str(path))
     if not path.is_file():
-        raise FileNotFoundError(f"reference not found: {path} (expected a stats .npz from `var-train fid-stats`, "
+        raise MissingInputError(f"reference not found: {path} (expected a stats .npz from `var-train fid-stats`, "
                                 f"an ADM reference batch .npz, or an image folder)")
     with np.load(path, allow_pickle=False) as data:
         keys = set(data.files)
@@ -234,15 +235,15 @@ def load_reference(path: str | Path, extractor: FeatureExtractor, *, need_featur
                 features=data["features"].astype(np.float32) if "features" in keys else None, source=str(path))
             stats.check_extractor(extractor)
             if need_features and stats.features is None:
-                raise ValueError(f"{path} holds no per-image features, which precision/recall need: recompute "
-                                 f"it with `var-train fid-stats` (features are kept by default)")
+                raise MismatchError(f"{path} holds no per-image features, which precision/recall need: recompute "
+                                    f"it with `var-train fid-stats` (features are kept by default)")
             return stats
         images = data["arr_0"] if "arr_0" in keys else None
         has_moments = {"mu", "sigma"} <= keys
         if images is None and not has_moments:
-            raise ValueError(f"{path} has neither mu/sigma nor arr_0 (keys: {sorted(keys)}): not a reference batch")
+            raise MismatchError(f"{path} has neither mu/sigma nor arr_0 (keys: {sorted(keys)}): not a reference batch")
         if images is not None and (images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8):
-            raise ValueError(f"{path}: arr_0 must be uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
+            raise MismatchError(f"{path}: arr_0 must be uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
         use_moments = has_moments and extractor.name in INCEPTION_NAMES
         if use_moments and not need_features:
             return ReferenceStatistics(mu=data["mu"].astype(np.float64), sigma=data["sigma"].astype(np.float64),
@@ -251,8 +252,8 @@ def load_reference(path: str | Path, extractor: FeatureExtractor, *, need_featur
         if images is None:
             what = "precision/recall need per-image features" if use_moments else \
                 f"its mu/sigma are Inception features, not {extractor.name!r} features"
-            raise ValueError(f"{path} holds only mu/sigma, but {what}; give a reference with images (arr_0) "
-                             f"or an image folder")
+            raise MismatchError(f"{path} holds only mu/sigma, but {what}; give a reference with images (arr_0) "
+                                f"or an image folder")
         if max_features is not None:
             images = images[:max_features]
         stats = statistics_of_images(images, extractor, resolution=images.shape[1], batch_size=batch_size,
@@ -292,10 +293,10 @@ def compute_fid_stats(*, out: str | Path, images: str | Path | None = None, shar
     else:
         with np.load(images, allow_pickle=False) as data:
             if "arr_0" not in data.files:
-                raise ValueError(f"{images} has no arr_0 images (keys: {data.files})")
+                raise MismatchError(f"{images} has no arr_0 images (keys: {data.files})")
             array = data["arr_0"][:limit]
         if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
-            raise ValueError(f"{images}: arr_0 must be uint8 images (N, H, W, 3), got {array.dtype} {array.shape}")
+            raise MismatchError(f"{images}: arr_0 must be uint8 images (N, H, W, 3), got {array.dtype} {array.shape}")
         stats = statistics_of_images(array, extractor, resolution=array.shape[1], batch_size=batch_size,
                                      keep_features=keep_features, progress=progress, source=str(images))
     path = Path(out)

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from var_train.errors import ConfigError
 from var_train.models import generate_batch
 from var_train.parallel.distributed import get_rank, get_world_size
 
@@ -56,7 +57,7 @@ class ScheduledEvaluator:
         self.class_names = class_names
         if vae is None:
             if not eval_cfg.vae:
-                raise ValueError("eval.vae (the full VQVAE used to decode samples) is not set")
+                raise ConfigError("eval.vae (the full VQVAE used to decode samples) is not set")
             vae = load_vae(eval_cfg.vae, patch_nums=list(model_cfg.patch_nums))
         self.vae = vae.to(self.device).eval().requires_grad_(False)
         self.extractor = extractor or build_feature_extractor(

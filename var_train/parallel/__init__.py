@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from var_train.errors import ConfigError
+
 from .activation_checkpoint import checkpointed, compiled, replace_units, wrap_unit_slots
 from .distributed import DistributedInfo, destroy_distributed, init_distributed
 from .engine import Engine, EngineSetup
@@ -30,9 +32,10 @@ from .registry import ENGINES, engine_class
 
 def grad_accumulation_steps(optim_cfg, world_size: int) -> int:
     per_step = optim_cfg.micro_batch_size * world_size
-    if optim_cfg.global_batch_size % per_step:
-        raise ValueError(f"optim.global_batch_size={optim_cfg.global_batch_size} is not a multiple of "
-                         f"optim.micro_batch_size x world size = {optim_cfg.micro_batch_size} x {world_size}")
+    if optim_cfg.global_batch_size % per_step:  # known only now that the world size is
+        raise ConfigError(f"optim.global_batch_size={optim_cfg.global_batch_size} is not a multiple of "
+                          f"optim.micro_batch_size x world size = {optim_cfg.micro_batch_size} x {world_size}: "
+                          f"make it a multiple of {per_step} or change optim.micro_batch_size")
     return optim_cfg.global_batch_size // per_step
 
 

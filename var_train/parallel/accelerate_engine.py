@@ -168,8 +168,8 @@ def accelerate_settings(parallel_cfg, device: torch.device | str, environ=None) 
         # accelerate's DeepSpeedPlugin.select() imports transformers.integrations.HfDeepSpeedConfig
         # unconditionally (accelerate 1.15), so its DeepSpeed path needs the package.
         raise ConfigError(f"{where} asks for DeepSpeed, and Accelerate's DeepSpeed plugin needs the transformers "
-                          f"package: pip install transformers, or use parallel.engine=deepspeed (the same ZeRO "
-                          f"without Accelerate)")
+                          f"package: pip install 'var-train[accelerate-deepspeed]', or use parallel.engine=deepspeed "
+                          f"(the same ZeRO without Accelerate)")
     if settings.kind == "deepspeed" and settings.deepspeed_config_file:
         raise ConfigError(f"{where}: deepspeed_config_file is not read by parallel.engine=accelerate (batch sizes, "
                           f"clipping and precision come from the recipe): give zero_stage and offload devices "

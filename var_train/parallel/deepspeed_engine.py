@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from var_train.errors import ConfigError, CorruptFileError, MismatchError
+
 from .engine import CHECKPOINT_FORMAT_DEEPSPEED, Engine, EngineSetup
 from .optimizer import build_optimizer, clean_parameter_name
 
@@ -75,8 +77,8 @@ class DeepSpeedEngine(Engine):
     def check_config(cls, parallel_cfg) -> None:
         super().check_config(parallel_cfg)
         if parallel_cfg.zero_stage not in (1, 2, 3):
-            raise ValueError(f"parallel.zero_stage must be 1, 2 or 3 for the deepspeed engine, "
-                             f"got {parallel_cfg.zero_stage}")
+            raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3 for the deepspeed engine, "
+                              f"got {parallel_cfg.zero_stage}")
 
     @classmethod
     def shards_parameters(cls, parallel_cfg) -> bool:
@@ -147,12 +149,12 @@ class DeepSpeedEngine(Engine):
         self._check_readable(checkpoint_dir, metadata)
         saved_world = metadata.get("world_size")
         if saved_world != self.world_size:
-            raise ValueError(f"{checkpoint_dir} holds DeepSpeed ZeRO partitions of {saved_world} ranks; "
-                             f"resume it on {saved_world} ranks, not {self.world_size}")
+            raise MismatchError(f"{checkpoint_dir} holds DeepSpeed ZeRO partitions of {saved_world} ranks; "
+                                f"resume it on {saved_world} ranks, not {self.world_size}")
         load_path, _ = self.ds.load_checkpoint(str(Path(checkpoint_dir) / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
                                                load_optimizer_states=True, load_lr_scheduler_states=False)
         if load_path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint {DEEPSPEED_TAG!r} in {checkpoint_dir}/{DEEPSPEED_DIR}")
+            raise CorruptFileError(f"no DeepSpeed checkpoint {DEEPSPEED_TAG!r} in {checkpoint_dir}/{DEEPSPEED_DIR}")
         self._step_pending = False
 
     @classmethod
@@ -169,10 +171,10 @@ class DeepSpeedEngine(Engine):
         state = {key: weights.get(key, value) for key, value in model.state_dict().items()}
         unexpected = sorted(set(weights) - set(state))
         if unexpected:
-            raise ValueError(f"{checkpoint_dir}: DeepSpeed state has keys the model lacks: {unexpected[:10]}")
+            raise MismatchError(f"{checkpoint_dir}: DeepSpeed state has keys the model lacks: {unexpected[:10]}")
         missing = sorted(name for name, _ in model.named_parameters() if name not in weights)
         if missing:
-            raise ValueError(f"{checkpoint_dir}: DeepSpeed state lacks parameters: {missing[:10]}")
+            raise MismatchError(f"{checkpoint_dir}: DeepSpeed state lacks parameters: {missing[:10]}")
         return state
 
     @staticmethod

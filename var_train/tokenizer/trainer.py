@@ -39,7 +39,7 @@ from var_train.models.checkpoint_io import load_vae, save_model, save_reference_
 from var_train.parallel import build_engine, init_distributed
 from var_train.parallel.distributed import (all_reduce_max, all_reduce_mean, all_reduce_sum, barrier,
                                             destroy_distributed, launcher_ranks)
-from var_train.preemption import EXIT_CODE_NONFINITE, EXIT_CODE_PREEMPTED, PreemptionHandler
+from var_train.preemption import EXIT_CODE_NONFINITE, PreemptionHandler, stop_message
 from var_train.schedules import Schedule
 
 from .codebook import CodebookUsageWindow, DeadCodeRestarter, quantizer_inputs_per_scale
@@ -54,7 +54,7 @@ VAL_BATCH_SIZE = 32
 
 @dataclass
 class TokenizerTrainingResult:
-    exit_code: int  # 0 done, EXIT_CODE_PREEMPTED (checkpoint saved; rerun to resume), EXIT_CODE_NONFINITE
+    exit_code: int  # 0 done; 42 preempted or 130 Ctrl-C (checkpoint saved; rerun to resume); EXIT_CODE_NONFINITE
     step: int
     model_path: Path | None  # the final model; None unless the run finished
     reference_path: Path | None
@@ -135,10 +135,11 @@ class TokenizerTrainer:
         self.nonfinite_total, self.nonfinite_in_a_row = 0, 0
         resumed = self._resume()
         self.logger = MetricLogger(config.logging_config(), self.run_dir, config.to_dict(), self.is_main,
-                                   resumed.get("wandb_run_id") if resumed else None)
+                                   resumed.get("wandb_run_id") if resumed else None,
+                                   resume_step=self.step if resumed else None)
         if resumed:
             self.logger.message(f"resumed from step {self.step} ({self.trained_seconds / 60:.1f} minutes trained)")
-        self.preemption = PreemptionHandler()
+        self.preemption = PreemptionHandler(announce=self.is_main)
         self._batches = batches_from(self.train_set, self.sampler, self.step, config.num_workers,
                                      pin_memory=self.device.type == "cuda")
         self._saved_step = self.step if resumed else None
@@ -314,14 +315,14 @@ class TokenizerTrainer:
                 if self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
                 stop_requested = cfg.stop_after_steps is not None and self.step >= cfg.stop_after_steps
-                if self.preemption.should_stop(self.device) or stop_requested:
+                stop_code = self.preemption.stop_code(self.device, planned=stop_requested)
+                if stop_code is not None:
                     if window.steps:  # the steps since the last line are not trained again after a resume
                         self._log(window.report(self.usage, remaining_steps=cfg.max_steps - self.step))
                     if self._saved_step != self.step:
                         self.save_checkpoint()
-                    self.logger.message(f"preempted: checkpoint saved at step {self.step}; exiting with "
-                                        f"{EXIT_CODE_PREEMPTED} so the job can be requeued (a rerun resumes)")
-                    exit_code = EXIT_CODE_PREEMPTED
+                    self.logger.message(stop_message(stop_code, self.step))
+                    exit_code = stop_code
                     break
             bar.close()
             if exit_code == 0:

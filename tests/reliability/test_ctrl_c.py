@@ -1,0 +1,97 @@
+"""Ctrl-C: the first press saves a checkpoint at the end of the step and exits 130; a second press
+(a second or more later) quits at once. Real SIGINTs: to this process, and to a torchrun process
+group as a terminal sends them (every process of the foreground group, then torchrun relays its own)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO_ROOT, _free_port, run_torchrun
+from tests.training.learnable_shards import make_learnable_shards, make_tiny_vae
+from var_train.checkpoint import latest_checkpoint, read_metadata
+from var_train.preemption import PreemptionHandler
+
+CPU = torch.device("cpu")
+
+
+def _deliver(sig: int) -> None:
+    os.kill(os.getpid(), sig)
+    time.sleep(0.05)  # Python runs the handler at the next bytecode boundary of the main thread
+
+
+def test_first_ctrl_c_asks_for_a_save_a_relayed_copy_is_ignored_a_later_press_quits(capsys):
+    handler = PreemptionHandler(announce=True).install()
+    try:
+        assert handler.stop_code(CPU) is None
+        _deliver(signal.SIGINT)
+        assert handler.stop_code(CPU) == 130
+        assert "Ctrl-C: saving a checkpoint" in capsys.readouterr().err
+        _deliver(signal.SIGINT)  # torchrun's relay of the same press: no exception
+        assert handler.stop_code(CPU) == 130
+        _deliver(signal.SIGTERM)  # preemption wins: the job must be requeued
+        assert handler.stop_code(CPU) == 42
+        time.sleep(1.1)
+        with pytest.raises(KeyboardInterrupt):
+            _deliver(signal.SIGINT)
+    finally:
+        handler.uninstall()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _metrics_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.distributed
+def test_ctrl_c_under_torchrun_saves_a_checkpoint_on_both_ranks_and_resumes(tmp_path):
+    shards = make_learnable_shards(tmp_path / "shards", num_records=64)
+    vae = make_tiny_vae(tmp_path / "vae.safetensors")
+    run_dir = tmp_path / "run"
+    train = ["-m", "var_train.cli", "train", "--recipe", "recipes/tiny.yaml", f"data.train_shards={shards}",
+             f"data.vae={vae}", f"run.output_dir={run_dir}", "data.num_workers=1", "optim.global_batch_size=8",
+             "checkpoint.every_steps=1000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *train, "optim.max_steps=400"]
+    # A session of its own: torchrun, both ranks and their DataLoader workers form one process
+    # group, like a command in a terminal, and killpg reaches all of them as Ctrl-C does.
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and max(_metrics_steps(run_dir), default=0) < 3:
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()[0]
+        os.killpg(proc.pid, signal.SIGINT)
+        output, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "on 2 x cpu" in output, output  # the world size the trainer saw
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    assert checkpoint is not None, output
+    metadata = read_metadata(checkpoint)
+    step = metadata["step"]
+    assert metadata["world_size"] == 2 and 3 <= step < 400, metadata
+    assert f"interrupted: checkpoint saved at step {step}" in output, output
+    assert "Ctrl-C: saving a checkpoint" in output
+    # The only traceback is torchrun's own report of the SIGINT it received; the ranks print none.
+    assert output.count("Traceback") == 1 and "SignalException" in output, output
+    assert "DataLoader worker" not in output, output  # the workers ignore the terminal's SIGINT
+
+    resumed = run_torchrun(*train, f"optim.max_steps={step + 2}", env={"WANDB_MODE": "offline"})
+    assert f"resumed from step {step}" in resumed.stdout, resumed.stdout
+    assert read_metadata(latest_checkpoint(run_dir / "checkpoints"))["step"] == step + 2

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.models.tiny import VAE_KW
+from tests.training.learnable_shards import NUM_CLASSES, PATCH_NUMS, VOCAB_SIZE, make_learnable_shards, make_tiny_vae
 
 SLURM = REPO_ROOT / "slurm"
 SCRIPTS = sorted([*SLURM.glob("*.sbatch"), *SLURM.glob("*.sh"), *SLURM.glob("lib/*.sh")])
@@ -211,11 +213,22 @@ def test_scaling_sweep_overrides_load_with_the_paper_hyperparameters(tmp_path):
         assert cfg.optim.global_batch_size == (1024 if depth == 30 else 768)
         assert cfg.optim.global_batch_size % (cfg.optim.micro_batch_size * 64) == 0
     assert depths == [6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 27, 30]
-    # Without DRY_RUN each job is handed to sbatch (here a fake one that logs its arguments).
+    # Without DRY_RUN each job is handed to sbatch (here a fake one that logs its arguments), once
+    # the data have passed training's start-up checks: real (tiny) shards and VAE, a model to match.
     fake = tmp_path / "bin"
     fake.mkdir()
     _executable(fake / "sbatch", f'echo "$*" >> {tmp_path}/sbatch.log\necho "Submitted batch job $RANDOM"\n')
-    submitted = subprocess.run(["bash", str(SLURM / "sweep_scaling.sh"), "data.train_shards=/data/tokens"],
+    shards = make_learnable_shards(tmp_path / "shards", num_records=8)
+    vae = make_tiny_vae(tmp_path / "vae.safetensors")
+    data = [f"data.train_shards={shards}", f"data.vae={vae}", f"model.vocab_size={VOCAB_SIZE}",
+            f"model.z_channels={VAE_KW['z_channels']}", f"model.num_classes={NUM_CLASSES}",
+            f"model.patch_nums=[{','.join(map(str, PATCH_NUMS))}]"]
+    refused = subprocess.run(["bash", str(SLURM / "sweep_scaling.sh"), *data, "model.num_classes=1000"],
+                             cwd=REPO_ROOT, env={**env, "DEPTHS": "6 30", "SBATCH": str(fake / "sbatch")},
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "num_classes: shards 10, model 1000" in refused.stderr, refused.stderr
+    assert not (tmp_path / "sbatch.log").exists()  # nothing queued
+    submitted = subprocess.run(["bash", str(SLURM / "sweep_scaling.sh"), *data],
                                cwd=REPO_ROOT, env={**env, "DEPTHS": "6 30", "SBATCH": str(fake / "sbatch")},
                                capture_output=True, text=True)
     assert submitted.returncode == 0, submitted.stderr

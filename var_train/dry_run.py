@@ -106,7 +106,8 @@ def describe(cfg: TrainConfig, world_size: int) -> str:
         f"({model.train_flops_per_image(include_attention_scores=True) / 1e9:,.1f} with attention scores)",
         f"tokens per step:       {cfg.optim.global_batch_size * tokens_per_image:,} "
         f"({cfg.optim.global_batch_size} images x {tokens_per_image} tokens)",
-        f"gradient accumulation: {accumulation:g} micro-batches of {cfg.optim.micro_batch_size} per rank"
+        f"gradient accumulation: {accumulation:g} micro-batch{'' if accumulation == 1 else 'es'} of "
+        f"{cfg.optim.micro_batch_size} per rank"
         + ("" if accumulation.is_integer() else "  <-- not an integer: fix optim.global_batch_size"),
         f"peak LR:               {cfg.optim.base_lr * cfg.optim.global_batch_size / 256:.3g}",
     ]

@@ -27,7 +27,7 @@ from var_train.models import VAR
 from var_train.models.adapt import WarmStartReport, warm_start
 from var_train.models.freezing import freeze_parameters
 from var_train.models.checkpoint_io import load_quantizer, read_checkpoint
-from var_train.parallel import build_engine, init_distributed
+from var_train.parallel import build_engine, grad_accumulation_steps, init_distributed
 from var_train.parallel.distributed import all_reduce_mean
 from var_train.parallel.ema import ParameterEMA
 from var_train.precision import resolve_precision
@@ -97,6 +97,7 @@ class Trainer:
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
         self.run_dir = Path(cfg.run.output_dir)
         self.is_main = self.rank == 0
+        grad_accumulation_steps(cfg.optim, self.world_size)  # a batch that cannot split: before any write
         # Nothing is written before the VAE, shards and model are known to belong together
         # (every rank checks the same files, so all raise the same one-line error).
         self._start_messages: list[str] = []
@@ -437,7 +438,8 @@ class Trainer:
         self.logger.message(
             f"training VAR d{self.cfg.model.depth} ({params / 1e6:.1f}M parameters, engine {self.cfg.parallel.engine}, "
             f"{self.precision}) on {self.world_size} x {self.device.type}: steps {self.step} -> "
-            f"{self.total_steps}, {self.steps_per_epoch} steps per epoch, {self.accumulation} micro-batches of "
+            f"{self.total_steps}, {self.steps_per_epoch} steps per epoch, {self.accumulation} micro-batch"
+            f"{'' if self.accumulation == 1 else 'es'} of "
             f"{self.cfg.optim.micro_batch_size} per rank per step; run dir {self.run_dir}")
 
 

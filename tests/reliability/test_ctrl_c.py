@@ -4,6 +4,7 @@ group as a terminal sends them (every process of the foreground group, then torc
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -95,3 +96,57 @@ def test_ctrl_c_under_torchrun_saves_a_checkpoint_on_both_ranks_and_resumes(tmp_
     resumed = run_torchrun(*train, f"optim.max_steps={step + 2}", env={"WANDB_MODE": "offline"})
     assert f"resumed from step {step}" in resumed.stdout, resumed.stdout
     assert read_metadata(latest_checkpoint(run_dir / "checkpoints"))["step"] == step + 2
+
+
+TORCHRUN_REPORT = """Traceback (most recent call last):
+  File "<frozen runpy>", line 198, in _run_module_as_main
+  File "/venv/lib/python3.11/site-packages/torch/distributed/elastic/multiprocessing/api.py", line 86, in _terminate_process_handler
+    raise SignalException(f"Process {os.getpid()} got signal: {sigval}", sigval=sigval)
+torch.distributed.elastic.multiprocessing.api.SignalException: Process 22454 got signal: 2
+"""
+RANK_CRASH = """Traceback (most recent call last):
+  File "/repo/var_train/train.py", line 10, in fit
+    out = self.train_step()
+RuntimeError: a real crash
+"""
+
+
+def test_the_demo_relays_every_line_but_torchruns_report_of_its_own_ctrl_c():
+    from var_train.cli.demo_pipeline import relay_without_torchrun_signal_report
+
+    progress = "tokenizer  10%|#   | 1/10\rtokenizer  20%|##  | 2/10\r"
+    source = io.StringIO("W1130 Received 2 death signal, shutting down workers\n" + progress + RANK_CRASH
+                         + "interrupted: checkpoint saved at step 13\n" + TORCHRUN_REPORT, newline="")
+    sink = io.StringIO(newline="")
+    relay_without_torchrun_signal_report(source, sink)
+    assert sink.getvalue() == ("W1130 Received 2 death signal, shutting down workers\n" + progress + RANK_CRASH
+                               + "interrupted: checkpoint saved at step 13\n")
+
+
+def test_ctrl_c_in_the_demos_training_stage_prints_no_traceback(tmp_path):
+    shards = make_learnable_shards(tmp_path / "shards", num_records=64)
+    vae = make_tiny_vae(tmp_path / "vae.safetensors")
+    run_dir = tmp_path / "run"
+    # The demo's training stage alone (the command turns the KeyboardInterrupt into one line, exit 130).
+    launcher = ("import sys; from pathlib import Path; from var_train.cli.demo_pipeline import DemoConfig, _train_var\n"
+                "try:\n"
+                "    _train_var(DemoConfig(recipe='recipes/tiny.yaml', train_overrides=['optim.max_steps=400', "
+                "'optim.global_batch_size=8', 'data.num_workers=0']), *map(Path, sys.argv[1:]))\n"
+                "except KeyboardInterrupt:\n"
+                "    sys.exit(130)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", launcher, str(shards), str(vae), str(run_dir)], cwd=REPO_ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and max(_metrics_steps(run_dir), default=0) < 3:
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)  # the demo, torchrun and both ranks, as a terminal does
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "interrupted: checkpoint saved at step" in stdout, stdout + stderr
+    assert "Traceback" not in stderr and "SignalException" not in stderr, stderr
+    assert "Received 2 death signal" in stderr  # torchrun's other lines still come through

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import run_torchrun
 from tests.reliability.helpers import assert_one_line_error, environment, run_command, train_args
 from tests.training.learnable_shards import make_learnable_shards, make_tiny_vae
 
@@ -118,3 +119,18 @@ def _tiny_var(root):
     if not path.exists():
         save_model(VAR(**VAR_KW), path)
     return path
+
+
+@pytest.mark.distributed
+def test_a_batch_that_does_not_split_over_the_ranks_writes_nothing(data, tmp_path):
+    # Known only once the world size is: 12 images cannot be split into micro-batches of 4 on 2 ranks.
+    shards, vae, _ = data
+    args = train_args(shards, vae, tmp_path / "run", "optim.global_batch_size=12")
+    proc = run_torchrun("-m", "var_train.cli", *args, nproc=2, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    # One line per rank that got to say it: torchrun may stop the second rank once the first has exited.
+    assert proc.returncode != 0 and 1 <= len(errors) <= 2, proc.stdout + proc.stderr
+    for line in errors:
+        assert "optim.global_batch_size=12 is not a multiple of optim.micro_batch_size x world size = 4 x 2" in line
+    assert "[rank" not in proc.stderr  # no rank traceback
+    assert not (tmp_path / "run").exists()

@@ -16,13 +16,17 @@ interrupted demo continues where it stopped.
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
@@ -87,7 +91,11 @@ def _train_var(cfg: DemoConfig, shards: Path, vae: Path, run_dir: Path) -> None:
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                        os.environ.get("PYTHONPATH")]))}
     print("  " + " ".join(command), flush=True)
-    process = subprocess.Popen(command, env=env)
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+    # newline="": a progress bar's "\r" ends a piece but is passed on as it is, not as a new line.
+    stderr = io.TextIOWrapper(process.stderr, encoding="utf-8", errors="replace", newline="")
+    relay = threading.Thread(target=relay_without_torchrun_signal_report, args=(stderr, sys.stderr), daemon=True)
+    relay.start()
     try:
         returncode = process.wait()
     except BaseException:  # Ctrl-C: subprocess.run would SIGKILL torchrun at once and orphan its ranks
@@ -101,10 +109,40 @@ def _train_var(cfg: DemoConfig, shards: Path, vae: Path, run_dir: Path) -> None:
                 pass
         else:
             process.kill()
+        relay.join(timeout=5)
         raise
+    relay.join(timeout=5)
     if returncode != 0:
         raise RuntimeError(f"VAR training exited with {returncode}; its run directory is {run_dir} "
                            f"(run the demo again to resume it)")
+
+
+TORCHRUN_SIGNAL_REPORT = re.compile(r"torch\.distributed\.elastic\.multiprocessing\.api\.SignalException: "
+                                    r"Process \d+ got signal: \d+")
+
+
+def relay_without_torchrun_signal_report(source: TextIO, sink: TextIO) -> None:
+    """Copy torchrun's stderr (its ranks' included) line by line, leaving out one thing: the
+    traceback torchrun prints for the signal it received (Ctrl-C). The ranks answer that signal
+    themselves (checkpoint, one line, exit 130), so the traceback reads like a crash that did not
+    happen. Every other traceback, the ranks' and torchrun's, is passed on whole."""
+    held: list[str] | None = None
+    for line in source:
+        if held is None and line.startswith("Traceback (most recent call last):"):
+            held = [line]
+            continue
+        if held is None:
+            sink.write(line)
+            sink.flush()
+            continue
+        held.append(line)
+        if not line.startswith((" ", "\t")):  # the exception line ends the traceback
+            if not TORCHRUN_SIGNAL_REPORT.search(line):
+                sink.writelines(held)
+            held = None
+    if held:
+        sink.writelines(held)
+    sink.flush()
 
 
 def _free_port() -> int:

@@ -8,12 +8,19 @@ pass (DDP arms its reduction hooks there): `micro_batch(sync=False)` does exactl
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .engine import Engine, EngineSetup
 from .optimizer import build_optimizer
+
+
+# On CPUs, oneDNN returns the weight gradient of a 1x1 convolution (the VQVAE has several) in a
+# channels-last layout; DDP then copies it into its bucket instead of viewing it, and says so at
+# every first backward. The copy is one small tensor per such layer: nothing to act on.
+warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
 
 class DDPEngine(Engine):

@@ -280,8 +280,15 @@ class TokenizerTrainer:
     def fit(self) -> TokenizerTrainingResult:
         cfg = self.config
         self.preemption.install()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train-tokenizer", unit="step", dynamic_ncols=True,
-                   disable=not (self.is_main and cfg.progress))
+        show = self.is_main and cfg.progress
+        budget = None if cfg.max_minutes is None else 60.0 * cfg.max_minutes
+        if budget is None:
+            bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train-tokenizer", unit="step", dynamic_ncols=True,
+                       disable=not show)
+        else:  # a time budget ends the run: the bar, and its ETA, count training seconds (steps in the postfix)
+            bar = tqdm(total=round(budget), initial=min(round(self.trained_seconds), round(budget)),
+                       desc="train-tokenizer (time budget)", unit="s", dynamic_ncols=True, disable=not show,
+                       bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]")
         self._console = bar.disable
         exit_code, val_after, model_path, reference_path = 0, {}, None, None
         try:
@@ -293,14 +300,14 @@ class TokenizerTrainer:
             while self.step < cfg.max_steps:
                 out = self.train_step()
                 window.add(out, self.config.batch_size * self.world_size)
-                bar.update(1)
                 self.trained_seconds = seconds_before + time.perf_counter() - session_start
+                bar.update(1 if budget is None else min(self.trained_seconds, budget) - bar.n)
                 finished = self.step >= cfg.max_steps or self._out_of_time()
                 if self.step % cfg.log_every == 0 or finished or not out["finite"]:
                     metrics = window.report(self.usage, remaining_steps=cfg.max_steps - self.step)
                     self._log(metrics)
-                    bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}",
-                                    refresh=False)
+                    bar.set_postfix(step=self.step, loss=f"{metrics['train/loss']:.4f}",
+                                    lr=f"{metrics['train/lr']:.2e}", refresh=False)
                     window = _Window()
                 if self.nonfinite_in_a_row > cfg.max_consecutive_nonfinite:
                     self.save_checkpoint()

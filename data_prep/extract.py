@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -40,7 +40,6 @@ from var_train.data.loader import ignore_stop_signals
 from var_train.data.manifest import Manifest, ShardInfo, file_sha256, write_json_atomic, write_manifest
 from var_train.data.records import MAX_VOCAB_SIZE, TOKEN_DTYPE, TokenRecord
 from var_train.errors import ConfigError, MismatchError, MissingInputError
-from var_train.models.quantizer import DEFAULT_PATCH_NUMS
 from var_train.parallel.distributed import barrier as _barrier, init_distributed, launcher_ranks
 
 from .image_sources import SourceItem, SourceList, list_sources
@@ -59,8 +58,8 @@ class ExtractConfig:
     source: str
     vae: str
     out: str
-    resolution: int = 256
-    patch_nums: tuple[int, ...] = DEFAULT_PATCH_NUMS
+    resolution: int | None = None           # None: the VQVAE's (16 x the last patch_nums entry)
+    patch_nums: tuple[int, ...] | None = None  # None: the schedule the VQVAE file records (released: 1..16)
     flip: bool = False
     crops: int = 1
     seed: int = 0                      # order of the images over the shards, and random crops
@@ -298,7 +297,6 @@ def extract_tokens(config: ExtractConfig) -> ExtractionSummary:
     started = time.time()
     rank, world_size, local_rank = _init_distributed()
     out = Path(config.out)
-    patch_nums = tuple(int(p) for p in config.patch_nums)
     for name in ("shard_size", "batch_size", "crops"):
         if getattr(config, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
@@ -306,10 +304,16 @@ def extract_tokens(config: ExtractConfig) -> ExtractionSummary:
         raise ConfigError(f"--min-size must be 0 (keep every decodable image) or more, got {config.min_size}")
     if not Path(config.vae).is_file():
         raise MissingInputError(f"VQVAE checkpoint not found: {config.vae}")
-    vae = load_vae(config.vae, patch_nums=patch_nums)
-    if config.resolution != vae.resolution:
-        raise MismatchError(f"--resolution {config.resolution} does not match the VQVAE: it downsamples "
-                         f"{vae.downsample}x, so --patch-nums {patch_nums} need resolution {vae.resolution}")
+    vae = load_vae(config.vae, patch_nums=None if config.patch_nums is None else tuple(config.patch_nums))
+    patch_nums = tuple(vae.patch_nums)
+    if config.resolution is not None and config.resolution != vae.resolution:
+        scales = ",".join(map(str, patch_nums))
+        fits = config.resolution % vae.downsample == 0
+        raise MismatchError(f"--resolution {config.resolution} does not match the schedule {scales} "
+                            f"({vae.resolution}px at the VQVAE's {vae.downsample}x downsampling): drop --resolution "
+                            f"to extract at {vae.resolution}px"
+                            + (f", or give --patch-nums ending in {config.resolution // vae.downsample}" if fits else ""))
+    config = replace(config, resolution=vae.resolution, patch_nums=patch_nums)
 
     sources: SourceList = list_sources(config.source, config.input_format, config.num_classes)
     items = sources.items

@@ -124,6 +124,22 @@ def test_train_sbatch_takes_the_recipe_as_first_argument(fake_bin):
     assert wrong.returncode == 2 and "recipes/nope.yaml not found" in wrong.stderr
 
 
+@pytest.mark.parametrize("script, variable", [("train.sbatch", "VAR_TRAIN"), ("eval.sbatch", "VAR_TRAIN"),
+                                              ("extract.sbatch", "VAR_PREP")])
+def test_a_job_submitted_without_the_environment_says_so(fake_bin, script, variable):
+    """sbatch passes on the submitting shell's PATH: without the venv, one line instead of srun's
+    "execve(): var-train: No such file or directory" from every task."""
+    env = _env(fake_bin, PATH=f"{fake_bin}{os.pathsep}/usr/bin{os.pathsep}/bin", VAR="var.pth", VAE="vae.pth",
+               OUT="out", INPUT="images")
+    env.pop(variable, None)
+    proc = subprocess.run(["bash", str(SLURM / script), "recipes/tiny.yaml"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True)
+    program = "var-prep" if variable == "VAR_PREP" else "var-train"
+    assert proc.returncode == 2 and f"error: {program} not found on PATH" in proc.stderr, proc.stderr
+    assert "source .venv/bin/activate" in proc.stderr and f"{variable}=" in proc.stderr
+    assert not any(call.startswith("srun") for call in _calls(fake_bin))
+
+
 @pytest.mark.parametrize("state", ["CANCELLED", "PREEMPTED", "PENDING"])
 def test_a_job_slurm_already_stopped_is_not_requeued(fake_bin, state):
     """scancel must stay a cancel; preemption and an outside requeue are requeued by Slurm itself."""

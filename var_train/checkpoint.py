@@ -538,9 +538,11 @@ def export_checkpoint(checkpoint_dir: str | Path, out_path: str | Path, format: 
 
     out_path = Path(out_path)
     format = format or {".safetensors": "safetensors", ".pth": "pth", ".pt": "pth"}.get(out_path.suffix)
+    if format is None:
+        raise ConfigError(f"cannot tell the export format from {out_path.name}: end --out in .safetensors or .pth, "
+                          f"or give --format")
     if format not in EXPORT_FORMATS:
-        raise ConfigError(f"export format must be one of {EXPORT_FORMATS} (or an output file ending in "
-                         f".safetensors / .pth), got {format!r} for {out_path}")
+        raise ConfigError(f"export format must be one of {EXPORT_FORMATS}, got {format!r}")
     checkpoint_dir = checkpoint_to_export(checkpoint_dir, newest_intact)
     state, config = _consolidate(checkpoint_dir)  # verified just above
     if ema:

@@ -60,7 +60,7 @@ def report_user_error(error: UserError, debug: bool) -> int:
     prefix = "error" if rank == 0 else f"error (rank {rank})"
     print(f"{prefix}: {one_line(error)}", file=sys.stderr, flush=True)
     _leave_process_group()
-    return EXIT_CODE_USER_ERROR
+    return getattr(error, "exit_code", EXIT_CODE_USER_ERROR)
 
 
 def _leave_process_group() -> None:

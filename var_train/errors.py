@@ -41,6 +41,16 @@ class DiskFullError(UserError, OSError):
     """No space left while writing; temporary files were removed, nothing complete was touched."""
 
 
+class StageFailedError(UserError):
+    """A stage of a multi-stage command (the demos' tokenizer or torchrun training) stopped: it has
+    printed its own error, traceback or "interrupted" line, so the command adds one line, not
+    another traceback, and exits with the stage's code (1 by default, not 2: the cause may be a bug)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def format_bytes(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(count) < 1024 or unit == "TiB":

@@ -5,8 +5,9 @@
   requeues the job on that code; the new job resumes automatically.
 - SIGINT (Ctrl-C): the user's stop; exit EXIT_CODE_INTERRUPTED (130, the shell's code for Ctrl-C).
   Rerunning the command resumes. Ctrl-C again, a second or more later, quits at once without
-  saving (KeyboardInterrupt). Presses closer together count as one, because under torchrun a
-  worker gets the terminal's SIGINT and, a moment later, the one torchrun relays.
+  saving (KeyboardInterrupt), and so does a SIGTERM then (torchrun turns a second press into
+  one). Presses closer together count as one, because under torchrun a worker gets the
+  terminal's SIGINT and, a moment later, the one torchrun relays.
 
 The handler only records what arrived; at each step boundary the ranks agree with one all-reduce
 (a signal may reach only some ranks), every rank saves its part of the checkpoint, and the
@@ -48,18 +49,19 @@ class PreemptionHandler:
         self._previous.clear()
 
     def _on_signal(self, signum, frame) -> None:
+        now = time.monotonic()
+        if self.interrupted_at is not None and now - self.interrupted_at > REPEATED_CTRL_C_SECONDS:
+            # A second Ctrl-C; torchrun passes a second press on as SIGTERM. The checkpoint being
+            # written, if any, is not committed; the newest complete one stays.
+            raise KeyboardInterrupt
         if signum != signal.SIGINT:
             self.received = signum
-            return
-        now = time.monotonic()
-        if self.interrupted_at is None:
+        elif self.interrupted_at is None:
             self.interrupted_at = now
             if self.announce:
                 print("Ctrl-C: saving a checkpoint at the end of this step, then exiting "
                       f"{EXIT_CODE_INTERRUPTED} (rerun to resume; Ctrl-C again to quit now without saving)",
                       file=sys.stderr, flush=True)
-        elif now - self.interrupted_at > REPEATED_CTRL_C_SECONDS:
-            raise KeyboardInterrupt
 
     def stop_code(self, device: torch.device, planned: bool = False) -> int | None:
         """Collective: the exit code every rank stops with (EXIT_CODE_PREEMPTED if any rank was

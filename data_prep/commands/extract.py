@@ -3,7 +3,8 @@
 Examples:
   var-prep extract /data/imagenet/train --vae vae_ch160v4096z32.pth --out /data/tokens/train --flip
   torchrun --nproc_per_node=8 -m data_prep.cli extract /data/imagenet/train --vae vae.pth --out tokens/
-  var-prep extract demo_images/ --vae tokenizer.safetensors --out tokens/ --resolution 64 --patch-nums 1,2,3,4
+  var-prep extract demo_images/ --vae tokenizer.safetensors --out tokens/   # the tokenizer's own schedule
+  var-prep extract /data/in1k --vae vae_ch160v4096z32.pth --out tokens512/ --patch-nums 1,2,3,4,6,9,13,18,24,32
 
 INPUT is an ImageFolder (one subfolder per class), a .csv/.jsonl list of path,label, or WebDataset
 tars of images with a `cls` member (a .tar, a folder of them, or a brace pattern).
@@ -38,9 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="INPUT", help="ImageFolder directory, .csv/.jsonl list, or WebDataset tar(s)")
     parser.add_argument("--vae", required=True, help="VQVAE checkpoint (reference .pth layout or our .safetensors)")
     parser.add_argument("--out", required=True, help="output folder for the shards, report.json and manifest.json")
-    parser.add_argument("--resolution", type=int, default=256, help="image side in pixels (default 256)")
-    parser.add_argument("--patch-nums", type=_patch_nums, default=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
-                        help="token map side per scale, coarse to fine (default 1,2,3,4,5,6,8,10,13,16)")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="image side in pixels (default: the VQVAE's, 16 x the last --patch-nums entry: "
+                             "256 for the released one)")
+    parser.add_argument("--patch-nums", type=_patch_nums, default=None,
+                        help="token map side per scale, coarse to fine (default: the schedule the VQVAE file "
+                             "records; 1,2,3,4,5,6,8,10,13,16 for the released .pth)")
     parser.add_argument("--flip", action="store_true",
                         help="also store the tokens of the horizontally flipped image (tokens_flip.npy)")
     parser.add_argument("--crops", type=int, default=1,

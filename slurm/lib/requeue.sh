@@ -35,6 +35,19 @@ job_environment() {
     export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 }
 
+# require_command COMMAND NAME: exit 2 with a hint when COMMAND (its first word: `var-train`, or
+# `python -m var_train.cli`) is not on this node's PATH. sbatch starts the job with the environment
+# of the submitting shell, so an environment that was not activated fails here, in one line, and
+# not in srun's bare "execve(): var-train: No such file or directory" from every task.
+require_command() {
+    local program="${1%% *}"
+    if ! command -v "$program" >/dev/null 2>&1; then
+        echo "error: ${program} not found on PATH on $(hostname): activate var_train's environment" \
+             "(source .venv/bin/activate) before sbatch, or set $2=/path/to/${program}" >&2
+        exit 2
+    fi
+}
+
 # requeue_if_preempted EXIT_CODE: requeue this job when EXIT_CODE says "preempted"; returns 0 when
 # the job was requeued, otherwise EXIT_CODE itself (or scontrol's code when the requeue failed,
 # e.g. for a job that was cancelled: rerun the same command to resume).

@@ -185,7 +185,7 @@ def test_list_and_webdataset_inputs_match_the_image_folder(tmp_path):
 def test_resolution_must_match_patch_nums(tmp_path):
     vae_path, _ = tiny_vae_checkpoint(tmp_path)
     write_image_folder(tmp_path / "images", random_images(1, 64, 64), [0])
-    with pytest.raises(ValueError, match="resolution 64"):
+    with pytest.raises(ValueError, match="--resolution 128 does not match the schedule 1,2,3,4 \\(64px"):
         run_extract(tmp_path / "images", vae_path, tmp_path / "t", resolution=128)
 
 

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,13 +39,23 @@ def test_first_ctrl_c_asks_for_a_save_a_relayed_copy_is_ignored_a_later_press_qu
         assert "Ctrl-C: saving a checkpoint" in capsys.readouterr().err
         _deliver(signal.SIGINT)  # torchrun's relay of the same press: no exception
         assert handler.stop_code(CPU) == 130
-        _deliver(signal.SIGTERM)  # preemption wins: the job must be requeued
+        _deliver(signal.SIGTERM)  # within the same second: preemption wins, the job must be requeued
         assert handler.stop_code(CPU) == 42
         time.sleep(1.1)
         with pytest.raises(KeyboardInterrupt):
             _deliver(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):  # how torchrun passes on a second press
+            _deliver(signal.SIGTERM)
     finally:
         handler.uninstall()
+    preempted = PreemptionHandler(announce=False).install()
+    try:
+        _deliver(signal.SIGTERM)  # a preemption alone never quits before the checkpoint
+        time.sleep(1.1)
+        _deliver(signal.SIGUSR1)
+        assert preempted.stop_code(CPU) == 42
+    finally:
+        preempted.uninstall()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
@@ -150,3 +161,33 @@ def test_ctrl_c_in_the_demos_training_stage_prints_no_traceback(tmp_path):
     assert proc.returncode == 130 and "interrupted: checkpoint saved at step" in stdout, stdout + stderr
     assert "Traceback" not in stderr and "SignalException" not in stderr, stderr
     assert "Received 2 death signal" in stderr  # torchrun's other lines still come through
+
+
+def _child(ignore: str, seconds: float) -> subprocess.Popen:
+    code = f"import signal, time\nfor name in {ignore!r}.split():\n    signal.signal(getattr(signal, name), signal.SIG_IGN)\n" \
+           f"time.sleep({seconds})\n"
+    child = subprocess.Popen([sys.executable, "-c", code])
+    time.sleep(0.5)  # its handlers are in place
+    return child
+
+
+def test_after_ctrl_c_the_demo_waits_for_its_training_however_often_ctrl_c_is_pressed():
+    from var_train.cli.demo_pipeline import _wait_for_training_to_stop
+
+    # Training that takes 3 s to save and exit; two more presses (to this process) meanwhile.
+    child = _child("SIGINT", 3)
+    presses = [threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT)) for delay in (0.5, 1.5)]
+    for press in presses:
+        press.start()
+    started = time.monotonic()
+    _wait_for_training_to_stop(child)
+    assert child.poll() == 0 and time.monotonic() - started > 2  # it ran to its end: nothing left behind
+
+    # Only this process was signalled: SIGTERM is passed on after relay_seconds; a child that
+    # ignores that too is killed after term_seconds more.
+    stubborn = _child("SIGINT", 30)
+    _wait_for_training_to_stop(stubborn, relay_seconds=0.5, term_seconds=5)
+    assert stubborn.returncode == -signal.SIGTERM
+    deaf = _child("SIGINT SIGTERM", 30)
+    _wait_for_training_to_stop(deaf, relay_seconds=0.5, term_seconds=1)
+    assert deaf.returncode == -signal.SIGKILL

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.conftest import run_torchrun
@@ -134,3 +136,30 @@ def test_a_batch_that_does_not_split_over_the_ranks_writes_nothing(data, tmp_pat
         assert "optim.global_batch_size=12 is not a multiple of optim.micro_batch_size x world size = 4 x 2" in line
     assert "[rank" not in proc.stderr  # no rank traceback
     assert not (tmp_path / "run").exists()
+
+
+def test_extract_takes_the_tokenizers_own_schedule_and_explains_a_wrong_resolution(data, tmp_path):
+    from tests.data.extract_helpers import random_images, write_image_folder
+
+    images = tmp_path / "images"
+    write_image_folder(images, random_images(4, 64, 64, seed=1), [0, 1, 0, 1])
+    _, vae, _ = data  # records patch_nums 1,2,3,4: 64px at 16x downsampling
+    wrong = run_command("var-prep", "extract", images, "--vae", vae, "--out", tmp_path / "wrong", "--resolution", "32",
+                        "--no-progress", "--num-workers", "0", timeout=120)
+    assert_one_line_error(wrong, "--resolution 32 does not match the schedule 1,2,3,4 (64px",
+                          "drop --resolution to extract at 64px, or give --patch-nums ending in 2")
+    assert not (tmp_path / "wrong").exists()
+    right = run_command("var-prep", "extract", images, "--vae", vae, "--out", tmp_path / "tokens", "--no-progress",
+                        "--num-workers", "0", timeout=120)
+    assert right.returncode == 0, right.stdout + right.stderr
+    manifest = json.loads((tmp_path / "tokens" / "manifest.json").read_text())
+    assert manifest["patch_nums"] == [1, 2, 3, 4] and manifest["resolution"] == 64
+
+
+def test_export_to_a_file_name_without_a_known_suffix_says_what_to_do(tmp_path):
+    from var_train.checkpoint import export_checkpoint
+    from var_train.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"cannot tell the export format from x\.txt: end --out in \.safetensors "
+                                          r"or \.pth, or give --format"):
+        export_checkpoint(tmp_path / "run", tmp_path / "x.txt")

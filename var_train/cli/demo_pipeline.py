@@ -30,6 +30,7 @@ from typing import TextIO
 
 import torch
 
+from var_train.errors import StageFailedError
 from var_train.fileio import write_bytes_atomic, write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -99,22 +100,40 @@ def _train_var(cfg: DemoConfig, shards: Path, vae: Path, run_dir: Path) -> None:
     try:
         returncode = process.wait()
     except BaseException:  # Ctrl-C: subprocess.run would SIGKILL torchrun at once and orphan its ranks
-        for stop, seconds in ((None, 10), (signal.SIGTERM, 120)):  # a terminal's Ctrl-C reached torchrun too
-            if stop is not None:  # only this process was signalled: torchrun passes SIGTERM on, ranks save
-                process.send_signal(stop)
-            try:
-                process.wait(timeout=seconds)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-        else:
-            process.kill()
+        _wait_for_training_to_stop(process)
         relay.join(timeout=5)
         raise
     relay.join(timeout=5)
     if returncode != 0:
-        raise RuntimeError(f"VAR training exited with {returncode}; its run directory is {run_dir} "
-                           f"(run the demo again to resume it)")
+        raise StageFailedError(f"VAR training exited with {returncode} (its output is above); its run directory "
+                               f"is {run_dir}: run the demo again to resume it")
+
+
+def _wait_for_training_to_stop(process: subprocess.Popen, relay_seconds: float = 10.0,
+                               term_seconds: float = 120.0) -> None:
+    """After Ctrl-C: wait until torchrun and its ranks are gone, so that nothing keeps writing to the
+    run directory once this command has returned. A terminal's Ctrl-C reached them too (the ranks
+    save and exit; another press reaches them as well and they quit at once), so further presses
+    are not a reason to stop waiting. If after `relay_seconds` torchrun still runs, only this
+    process was signalled: pass SIGTERM on (the ranks save, as on preemption); kill after
+    `term_seconds` more."""
+    started, terminated = time.monotonic(), False
+    while True:
+        try:
+            process.wait(timeout=1.0)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        except KeyboardInterrupt:
+            continue
+        waited = time.monotonic() - started
+        if not terminated and waited > relay_seconds:
+            process.send_signal(signal.SIGTERM)
+            terminated = True
+        if waited > relay_seconds + term_seconds:
+            process.kill()
+            process.wait()
+            return
 
 
 TORCHRUN_SIGNAL_REPORT = re.compile(r"torch\.distributed\.elastic\.multiprocessing\.api\.SignalException: "
@@ -187,7 +206,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         result = train_tokenizer(TokenizerTrainingConfig(data_dir=str(images), output_dir=str(tokenizer_dir),
                                                          seed=cfg.seed, **preset))
         if result.exit_code != 0:
-            raise RuntimeError(f"tokenizer training exited with {result.exit_code}; run the demo again to resume it")
+            raise StageFailedError(f"tokenizer training exited with {result.exit_code}; run the demo again to "
+                                   f"resume it", exit_code=result.exit_code)
         if result.model_path != vae_path:
             write_bytes_atomic(vae_path, Path(result.model_path).read_bytes())
         before, after = result.val_before.get("val/mse"), result.val_after.get("val/mse")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from var_train.errors import StageFailedError
 from var_train.fileio import write_bytes_atomic, write_json_atomic
 
 from .demo_pipeline import DEMO_TOKENIZER, REPO_RECIPES, DemoConfig, Stages, _train_var
@@ -100,7 +101,8 @@ def run_scaling_demo(cfg: ScalingDemoConfig) -> dict:
         result = train_tokenizer(TokenizerTrainingConfig(data_dir=str(train_images), output_dir=str(out / "tokenizer"),
                                                          seed=cfg.seed, **preset))
         if result.exit_code != 0:
-            raise RuntimeError(f"tokenizer training exited with {result.exit_code}; run again to resume it")
+            raise StageFailedError(f"tokenizer training exited with {result.exit_code}; run again to resume it",
+                                   exit_code=result.exit_code)
         if Path(result.model_path) != vae_path:
             write_bytes_atomic(vae_path, Path(result.model_path).read_bytes())
 

@@ -145,8 +145,9 @@ def vae_config_from_state_dict(state: dict[str, torch.Tensor], patch_nums=None) 
     num_scales = state[prefix + "ema_vocab_hit_SV"].shape[0]
     if patch_nums is None:
         if num_scales != len(DEFAULT_PATCH_NUMS):
-            raise ValueError(f"this VQVAE checkpoint has {num_scales} scales; pass patch_nums "
-                             f"(the default {DEFAULT_PATCH_NUMS} has {len(DEFAULT_PATCH_NUMS)})")
+            raise MismatchError(f"this VQVAE checkpoint has {num_scales} scales and records no schedule: give "
+                                f"its patch_nums (e.g. --patch-nums; the default "
+                                f"{','.join(map(str, DEFAULT_PATCH_NUMS))} has {len(DEFAULT_PATCH_NUMS)})")
         patch_nums = DEFAULT_PATCH_NUMS
     config = dict(vocab_size=vocab_size, z_channels=z_channels, patch_nums=list(patch_nums),
                   share_quant_resi=sum(1 for k in state if k.startswith(prefix + "quant_resi.qresi_ls.") and k.endswith(".weight")))

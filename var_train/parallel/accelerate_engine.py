@@ -39,6 +39,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -52,6 +53,10 @@ from .engine import (CHECKPOINT_FORMAT_DCP, CHECKPOINT_FORMAT_DEEPSPEED, Engine,
 from .optimizer import build_optimizer, clean_parameter_name
 
 KINDS = ("ddp", "fsdp2", "deepspeed")
+# Accelerate 1.15 hands DDP `broadcast_buffers` on every call (True by default), which torch 2.14
+# deprecates with a FutureWarning per rank; our handler asks for no per-forward buffer sync either
+# way. Nothing a user can act on.
+warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
 
 
 @dataclass(frozen=True)

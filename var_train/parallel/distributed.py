@@ -74,6 +74,8 @@ def init_distributed(backend: str | None = None, timeout: timedelta = timedelta(
     device = torch.device("cpu") if env.device_index is None else torch.device("cuda", env.device_index)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:  # DeepSpeed (imported by its engine and by Accelerate) would guess, and warn on every rank
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if dist.is_initialized():
         return DistributedInfo(dist.get_rank(), dist.get_world_size(), local_rank, device,
                                str(dist.get_backend()))

@@ -6,9 +6,9 @@ traceback), exactly as in `var-train`: both use var_train.command_line.
 
 from __future__ import annotations
 
-import sys
+from typing import NoReturn
 
-from var_train.command_line import run_command_line
+from var_train.command_line import exit_process, run_command_line
 
 SUBCOMMAND_MODULES: list[str] = [
     "data_prep.commands.extract",
@@ -25,5 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     )
 
 
+def console_main() -> NoReturn:
+    """The `var-prep` console script (and `python -m`): `main`, then `exit_process` with its code."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

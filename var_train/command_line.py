@@ -6,16 +6,21 @@ a full disk) into one line `error: ...` on stderr and exit code 2, under torchru
 rank at most: rank 0 says `error: ...`, another rank only `error (rank N): ...`). `--debug` or
 VAR_TRAIN_DEBUG=1 prints the traceback as well. Any other exception is a bug: it propagates with
 its traceback. Ctrl-C (KeyboardInterrupt) prints one line and exits 130 (traceback with --debug).
+On every way out, a process group the command joined is left before the interpreter shuts down, and
+the console entry points end the process with `exit_process` (why: its docstring).
 This module sits below both command packages, so neither imports the other.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import os
 import sys
+import threading
 import traceback
+from typing import NoReturn
 
 from var_train.errors import EXIT_CODE_USER_ERROR, UserError
 from var_train.preemption import EXIT_CODE_INTERRUPTED
@@ -59,17 +64,19 @@ def report_user_error(error: UserError, debug: bool) -> int:
     rank = int(os.environ.get("RANK", "0") or 0)
     prefix = "error" if rank == 0 else f"error (rank {rank})"
     print(f"{prefix}: {one_line(error)}", file=sys.stderr, flush=True)
-    _leave_process_group()
     return getattr(error, "exit_code", EXIT_CODE_USER_ERROR)
 
 
 def _leave_process_group() -> None:
-    """Exit cleanly from a torchrun start-up check (all ranks raise the same error)."""
-    dist = sys.modules.get("torch.distributed")
+    """On every way out of a command: leave the process group before the interpreter shuts down
+    (see `destroy_distributed`: a finished torchrun or srun job must not abort at exit)."""
+    if "torch.distributed" not in sys.modules:  # a command that never touched torch: nothing to import
+        return
+    from var_train.parallel.distributed import destroy_distributed
+
     try:
-        if dist is not None and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    except Exception:  # best effort: we are exiting with the user's error anyway
+        destroy_distributed()
+    except Exception:  # best effort: the command's own outcome is already decided
         pass
 
 
@@ -77,6 +84,13 @@ def run_command_line(prog: str, module_names: list[str], description: str, argv:
     parser = build_parser(prog, module_names, description)
     args = parser.parse_args(argv)
     debug = bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        return _run(args, debug)
+    finally:  # after _run's frames (and an exception's traceback) are gone, so their objects can be freed
+        _leave_process_group()
+
+
+def _run(args: argparse.Namespace, debug: bool) -> int:
     try:
         return int(args.run(args) or 0)
     except UserError as error:
@@ -88,3 +102,26 @@ def run_command_line(prog: str, module_names: list[str], description: str, argv:
               "before it exits; a second one quits without it); run the same command again to resume",
               file=sys.stderr, flush=True)
         return EXIT_CODE_INTERRUPTED
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a command-line process with `code`: Python's exit, less the interpreter's own teardown.
+
+    What Python does on exit before that teardown is done here too: non-daemon threads are joined,
+    atexit handlers run (W&B, logging, multiprocessing's children), stdout and stderr are flushed.
+    Then os._exit. In the teardown, a C++ thread that needs the GIL (a gloo worker of a process group a
+    library still holds after destroy_process_group, as DeepSpeed does; any torch op on a daemon
+    thread) aborts the process: "terminate called without an active exception", exit -6, after all
+    the work is done (pytorch/pytorch#190489, #38228), and Slurm reports a finished job as failed.
+    Only process entry points call this; `run_command_line` returns, so tests call it in-process.
+    """
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # what Py_Finalize would run; public modules expose no other way
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing left to deliver
+            pass
+    os._exit(code)

@@ -9,7 +9,9 @@ import sys
 
 import torch.distributed as dist
 
+from var_train.command_line import exit_process
 from var_train.data import build_token_loader
+from var_train.parallel import destroy_distributed
 
 
 def main() -> None:
@@ -19,7 +21,7 @@ def main() -> None:
     for shards_dir, prefix in zip(sys.argv[1::2], sys.argv[2::2]):
         read_two_epochs(shards_dir, prefix, rank, world_size)
     dist.barrier()
-    dist.destroy_process_group()
+    destroy_distributed()
 
 
 def read_two_epochs(shards_dir: str, prefix: str, rank: int, world_size: int) -> None:
@@ -37,3 +39,4 @@ def read_two_epochs(shards_dir: str, prefix: str, rank: int, world_size: int) ->
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # as the console scripts end: no interpreter teardown for gloo's threads to abort

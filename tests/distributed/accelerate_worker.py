@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from worker_common import log, max_difference, optim_cfg, parallel_cfg, tiny_var, train_step
+from var_train.command_line import exit_process
 from var_train.parallel import build_engine, destroy_distributed, init_distributed
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
@@ -91,3 +92,4 @@ def main(which: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    exit_process(0)  # as the console scripts end: no interpreter teardown for gloo's threads to abort

@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 from worker_common import (checkpoint_cfg, log, max_difference, optim_cfg, parallel_cfg, tiny_var,
                            train_step)
 from var_train.checkpoint import Checkpointer, complete_checkpoints, latest_checkpoint
+from var_train.command_line import exit_process
 from var_train.parallel import build_engine, destroy_distributed, init_distributed
 
 SAVE_AT, TOTAL_STEPS = 2, 4
@@ -182,3 +183,4 @@ def main(mode: str, out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    exit_process(0)  # as the console scripts end: no interpreter teardown for gloo's threads to abort

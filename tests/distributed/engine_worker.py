@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from worker_common import (MICRO_BATCH, global_batch, log, loss_fn, max_difference, micro_batches, optim_cfg,
                            parallel_cfg, tiny_var, train_step)
+from var_train.command_line import exit_process
 from var_train.parallel import build_engine, destroy_distributed, init_distributed
 
 STEPS = 3
@@ -308,3 +309,4 @@ def main(which: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else "all")
+    exit_process(0)  # as the console scripts end: no interpreter teardown for gloo's threads to abort

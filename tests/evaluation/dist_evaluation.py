@@ -19,11 +19,12 @@ import torch
 import torch.distributed as dist
 from tests.evaluation.helpers import PooledPixelExtractor, blob_images
 from tests.models.tiny import tiny_models
+from var_train.command_line import exit_process
 from var_train.evaluation.metrics import GenerativeMetrics
 from var_train.evaluation.reference_stats import load_reference, statistics_of_images
 from var_train.evaluation.scheduled import ScheduledEvaluator
 from var_train.config import OptimConfig, ParallelConfig
-from var_train.parallel import build_engine, init_distributed
+from var_train.parallel import build_engine, destroy_distributed, init_distributed
 
 
 def uneven_metrics(rank: int, reference_npz: str, fake_npz: str) -> dict:
@@ -71,8 +72,9 @@ def main(reference_npz: str, fake_npz: str, out_json: str) -> None:
     if info.rank == 0:
         with open(out_json, "w") as f:
             json.dump(results, f)
-    dist.destroy_process_group()
+    destroy_distributed()
 
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
+    exit_process(0)  # as the console scripts end: no interpreter teardown for gloo's threads to abort

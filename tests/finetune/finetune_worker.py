@@ -5,7 +5,6 @@ recipe overrides for recipes/tiny.yaml."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -14,7 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from var_train.command_line import exit_process  # noqa: E402
 from var_train.config import load_config  # noqa: E402
+from var_train.parallel import destroy_distributed  # noqa: E402
 from var_train.train import Trainer  # noqa: E402
 
 
@@ -57,14 +58,8 @@ def main() -> None:
             "ema_updates": trainer.ema.updates if trainer.ema is not None else None,
         }))
     dist.barrier()
-    dist.destroy_process_group()
-    # The probe backward above runs after fit() and leaves FSDP2's hooks and gloo's threads to the
-    # interpreter's teardown, which under load sometimes aborts ("terminate called without an active
-    # exception") after every result is written. What this worker checks is in the JSON: leave now.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
+    destroy_distributed()
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # as the console scripts end: no interpreter teardown for gloo's threads to abort

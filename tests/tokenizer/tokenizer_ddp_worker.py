@@ -8,6 +8,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from var_train.command_line import exit_process
+from var_train.parallel import destroy_distributed
 from var_train.tokenizer import TokenizerTrainingConfig, train_tokenizer
 
 
@@ -36,8 +38,9 @@ def main() -> None:
     adversarial = train_tokenizer(TokenizerTrainingConfig(output_dir=f"{output_dir}/adversarial", disc_weight=0.5,
                                                           disc_start=2, **common))
     check_identical(adversarial, "adversarial")
-    dist.destroy_process_group()
+    destroy_distributed()
 
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # as the console scripts end: no interpreter teardown for gloo's threads to abort

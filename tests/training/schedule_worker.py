@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from var_train.command_line import exit_process  # noqa: E402
 from var_train.config import load_config  # noqa: E402
 from var_train.parallel import destroy_distributed  # noqa: E402
 from var_train.train import Trainer  # noqa: E402
@@ -44,3 +45,4 @@ def main(out_json: str, recipe: str, *overrides: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    exit_process(0)  # as the console scripts end: no interpreter teardown for gloo's threads to abort

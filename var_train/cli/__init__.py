@@ -7,9 +7,9 @@ Each subcommand module defines `NAME`, `HELP`, `add_arguments(parser)` and `run(
 
 from __future__ import annotations
 
-import sys
+from typing import NoReturn
 
-from var_train.command_line import run_command_line
+from var_train.command_line import exit_process, run_command_line
 
 SUBCOMMAND_MODULES = [
     "var_train.cli.demo",
@@ -31,5 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     )
 
 
+def console_main() -> NoReturn:
+    """The `var-train` console script (and `python -m`): `main`, then `exit_process` with its code."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -1,5 +1,3 @@
-import sys
+from var_train.cli import console_main
 
-from var_train.cli import main
-
-sys.exit(main())
+console_main()

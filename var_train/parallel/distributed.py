@@ -17,6 +17,7 @@ test `dist.is_initialized()` themselves.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -90,8 +91,17 @@ def init_distributed(backend: str | None = None, timeout: timedelta = timedelta(
 
 
 def destroy_distributed() -> None:
+    """Leave the process group while the interpreter is still fully alive.
+
+    The run's garbage in reference cycles (engines, optimizers, device meshes) is collected before
+    and after, so a group only those objects held is destroyed here, which joins its worker threads.
+    A group a library keeps (DeepSpeed's world group) outlives this call; `command_line.exit_process`
+    says why its threads must not meet the interpreter's teardown.
+    """
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()
 
 
 # -- rank helpers: the same answers with or without a process group ---------------------------------

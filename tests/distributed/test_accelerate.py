@@ -1,5 +1,5 @@
 """parallel.engine=accelerate: Accelerate's DDP (and DeepSpeed plugin) on 2 CPU ranks, the real
-`accelerate launch --config_file configs/accelerate/ddp.yaml` line of the README, and the
+`accelerate launch --config_file configs/accelerate/{ddp,deepspeed_zero2}.yaml` line of the README, and the
 one-line refusals (FSDP on a CPU, conflicting precision, Accelerate's own compile)."""
 
 from __future__ import annotations
@@ -133,26 +133,33 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.mark.distributed
-def test_accelerate_launch_line_matches_native_ddp_and_resumes_exactly(data, tmp_path):
-    native = tmp_path / "native"
-    run_torchrun(*_train_args(data, native, "parallel.engine=ddp"), nproc=2)
+@pytest.mark.parametrize("config, native, checkpoint_format", [
+    ("ddp.yaml", ["parallel.engine=ddp"], "dcp"),
+    # `accelerate launch` names the config's DeepSpeed fields in its environment, which Accelerate's
+    # plugin would refuse next to the DeepSpeed config the engine builds from the recipe.
+    ("deepspeed_zero2.yaml", ["parallel.engine=deepspeed", "parallel.zero_stage=2"], "deepspeed"),
+], ids=["ddp", "deepspeed"])
+def test_accelerate_launch_line_matches_the_native_engine_and_resumes_exactly(data, tmp_path, config, native,
+                                                                              checkpoint_format):
+    native_dir = tmp_path / "native"
+    run_torchrun(*_train_args(data, native_dir, *native), nproc=2)
 
     run_dir = tmp_path / "accelerate"
-    first = _accelerate_launch("ddp.yaml", _train_args(data, run_dir, "parallel.engine=accelerate",
-                                                       "run.stop_after_steps=4"))
+    first = _accelerate_launch(config, _train_args(data, run_dir, "parallel.engine=accelerate",
+                                                   "run.stop_after_steps=4"))
     assert first.returncode != 0 and f"exiting with {EXIT_CODE_PREEMPTED}" in first.stdout, first.stdout + first.stderr
     assert "engine accelerate" in first.stdout and "on 2 x cpu" in first.stdout, first.stdout  # world size 2
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     metadata = read_metadata(checkpoint)
     assert (metadata["step"], metadata["world_size"], metadata["engine"], metadata["checkpoint_format"]) == (
-        4, 2, "accelerate", "dcp"), metadata
-    second = _accelerate_launch("ddp.yaml", _train_args(data, run_dir, "parallel.engine=accelerate"))
+        4, 2, "accelerate", checkpoint_format), metadata
+    second = _accelerate_launch(config, _train_args(data, run_dir, "parallel.engine=accelerate"))
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resumed from step 4" in second.stdout, second.stdout
 
-    expected, got = _losses(native), _losses(run_dir)
+    expected, got = _losses(native_dir), _losses(run_dir)
     assert sorted(got) == sorted(expected) == list(range(1, 9))
-    for step in range(1, 9):  # 1-4: Accelerate's DDP == the native engine; 5-8: the resume is exact
+    for step in range(1, 9):  # 1-4: through Accelerate == the native engine; 5-8: the resume is exact
         assert got[step] == pytest.approx(expected[step], abs=1e-5), f"step {step}: {got[step]} vs {expected[step]}"
     assert got[8] < got[1], got
 

@@ -262,7 +262,11 @@ class AccelerateEngine(Engine):
                             ("offload_param", self.settings.offload_param_device)):
             if device and device != "none":
                 config["zero_optimization"][key] = {"device": device}
-        return DeepSpeedPlugin(hf_ds_config=json.loads(json.dumps(config)), zero_stage=stage)
+        # `accelerate launch` lists the config's DeepSpeed fields in ACCELERATE_CONFIG_DS_FIELDS, and the
+        # plugin refuses a config dict while that list names zero_stage or offloads ("would be ignored").
+        # They are not ignored: read_settings took them into `config` above.
+        with _environment_without("ACCELERATE_CONFIG_DS_FIELDS"):
+            return DeepSpeedPlugin(hf_ds_config=json.loads(json.dumps(config)), zero_stage=stage)
 
     @classmethod
     def shards_parameters(cls, parallel_cfg) -> bool:
@@ -390,3 +394,13 @@ class AccelerateEngine(Engine):
         if (Path(checkpoint_dir) / DEEPSPEED_DIR).is_dir():
             return DeepSpeedEngine.consolidate(checkpoint_dir, model)
         return super().consolidate(checkpoint_dir, model)
+
+
+@contextlib.contextmanager
+def _environment_without(name: str):
+    value = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if value is not None:
+            os.environ[name] = value

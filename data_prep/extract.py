@@ -10,8 +10,11 @@ Crash safety and resume: a shard is written to `shard-NNNNNN.tar.tmp` and rename
 sidecar `shard-NNNNNN.json` (record count, skipped inputs, a hash of its input chunk) is written
 the same way and marks the shard done. A restart skips done shards and redoes anything else.
 `extract_config.json` pins the settings of a shard directory so a restart with other settings
-fails instead of mixing shards. When every shard is done, rank 0 writes `report.json` (every
-skipped input with its reason) and, last, `manifest.json`.
+fails instead of mixing shards; the inputs are recorded by resolved path, so the same input typed
+otherwise (relative, absolute, through a link, from another directory) is the same input. Settings
+under which no shard was finished bind nothing: a new run replaces them. Options are checked before
+anything is written, so a start that fails on them leaves no file. When every shard is done, rank 0
+writes `report.json` (every skipped input with its reason) and, last, `manifest.json`.
 
 Bad inputs never stop a run: each is skipped with a reason (see `preprocess.decode_image`);
 grayscale, palette, alpha and CMYK images are converted to RGB as the reference does and counted.
@@ -41,6 +44,7 @@ from var_train.data.manifest import Manifest, ShardInfo, file_sha256, write_json
 from var_train.data.records import MAX_VOCAB_SIZE, TOKEN_DTYPE, TokenRecord
 from var_train.errors import ConfigError, MismatchError, MissingInputError
 from var_train.parallel.distributed import barrier as _barrier, init_distributed, launcher_ranks
+from var_train.precision import available_device
 
 from .image_sources import SourceItem, SourceList, list_sources
 from .preprocess import BadImage, ReferenceTransform, decode_image
@@ -111,7 +115,10 @@ def _init_distributed() -> tuple[int, int, int]:
 
 def _pick_device(requested: str, local_rank: int) -> torch.device:
     if requested != "auto":
-        return torch.device(requested)
+        try:
+            return available_device(requested)
+        except ConfigError as error:
+            raise ConfigError(f"--device {error}") from None
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
@@ -119,9 +126,10 @@ def _pick_device(requested: str, local_rank: int) -> torch.device:
 
 # -- bookkeeping files -----------------------------------------------------------------------------
 def _chunk_hash(items: list[SourceItem]) -> str:
+    """Which images, in which order, with which labels: resolved locations, not the paths as typed."""
     digest = hashlib.sha256()
     for item in items:
-        digest.update(f"{item.key}\t{item.label}\t{item.origin}\n".encode())
+        digest.update(f"{item.key}\t{item.label}\t{item.identity}\n".encode())
     return digest.hexdigest()
 
 
@@ -139,16 +147,32 @@ def _read_sidecar(out: Path, index: int) -> dict | None:
         return None  # torn by a crash despite the rename (e.g. a full disk): redo the shard
 
 
+def _finished_shards(out: Path) -> list[str]:
+    """Shards marked done (tar and sidecar), whatever settings made them."""
+    return sorted(p.name for p in out.glob("shard-*.json") if p.with_suffix(".tar").is_file())
+
+
 def _check_or_write_run_config(out: Path, settings: dict, rank: int) -> None:
+    """Refuse other settings than those of the finished shards in `out`; rank 0 records them.
+
+    Settings no finished shard was made with (a run stopped before its first one) are replaced.
+    """
     path = out / CONFIG_NAME
-    if path.is_file():
-        existing = json.loads(path.read_text())
-        differences = [f"{k}: existing {existing.get(k)!r}, now {v!r}" for k, v in settings.items()
-                       if existing.get(k) != v]
+    # Shards before settings: a rank that still reads the old settings then cannot see a shard that
+    # rank 0 finished under the new ones (rank 0 replaces the settings before it writes any shard).
+    finished = _finished_shards(out)
+    existing = json.loads(path.read_text()) if path.is_file() else None
+    differences = [] if existing is None else [f"{k}: existing {existing.get(k)!r}, now {v!r}"
+                                               for k, v in settings.items() if existing.get(k) != v]
+    if differences and finished:
+        hint = ("\n(inputs_sha256 covers which images, with which labels, by resolved path; a folder extracted "
+                "by an earlier var-prep, which recorded paths as typed, differs there too)"
+                if existing.get("inputs_sha256") != settings["inputs_sha256"] else "")
+        raise MismatchError(f"{out} holds {len(finished)} shard(s) extracted with other settings; use a new --out "
+                            f"or the same settings:\n  " + "\n  ".join(differences) + hint)
+    if (existing is None or differences) and rank == 0:
         if differences:
-            raise MismatchError(f"{out} holds shards extracted with other settings; use a new --out or the same "
-                             f"settings:\n  " + "\n  ".join(differences))
-    elif rank == 0:
+            logger.info("%s: replacing the settings of a run that finished no shard", out)
         write_json_atomic(path, settings)
 
 
@@ -290,6 +314,18 @@ def _extract_shards(todo: list[int], items: list[SourceItem], out: Path, vae, tr
     return records, skipped
 
 
+def _check_options(config: ExtractConfig) -> None:
+    """Refuse impossible numbers before anything is loaded or written."""
+    for name in ("shard_size", "batch_size", "crops", "resolution", "max_shards", "num_classes"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if config.num_workers < 0:
+        raise ConfigError(f"--num-workers must be 0 (decode in this process) or more, got {config.num_workers}")
+    if config.min_size < 0:
+        raise ConfigError(f"--min-size must be 0 (keep every decodable image) or more, got {config.min_size}")
+
+
 def extract_tokens(config: ExtractConfig) -> ExtractionSummary:
     """Run (or resume) an extraction on this process's share of the shards; see the module doc."""
     from var_train.models.checkpoint_io import load_vae
@@ -297,11 +333,8 @@ def extract_tokens(config: ExtractConfig) -> ExtractionSummary:
     started = time.time()
     rank, world_size, local_rank = _init_distributed()
     out = Path(config.out)
-    for name in ("shard_size", "batch_size", "crops"):
-        if getattr(config, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
-    if config.min_size < 0:
-        raise ConfigError(f"--min-size must be 0 (keep every decodable image) or more, got {config.min_size}")
+    _check_options(config)
+    device = _pick_device(config.device, local_rank)
     if not Path(config.vae).is_file():
         raise MissingInputError(f"VQVAE checkpoint not found: {config.vae}")
     vae = load_vae(config.vae, patch_nums=None if config.patch_nums is None else tuple(config.patch_nums))
@@ -314,6 +347,9 @@ def extract_tokens(config: ExtractConfig) -> ExtractionSummary:
                             f"to extract at {vae.resolution}px"
                             + (f", or give --patch-nums ending in {config.resolution // vae.downsample}" if fits else ""))
     config = replace(config, resolution=vae.resolution, patch_nums=patch_nums)
+    vocab_size = vae.config["vocab_size"]
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise ConfigError(f"vocab_size {vocab_size} does not fit the uint16 token records (max {MAX_VOCAB_SIZE})")
 
     sources: SourceList = list_sources(config.source, config.input_format, config.num_classes)
     items = sources.items
@@ -332,13 +368,9 @@ def extract_tokens(config: ExtractConfig) -> ExtractionSummary:
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known good: a failed start leaves nothing
     _check_or_write_run_config(out, settings, rank)
 
-    device = _pick_device(config.device, local_rank)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     vae = vae.to(device).eval()
-    vocab_size = vae.config["vocab_size"]
-    if vocab_size > MAX_VOCAB_SIZE:
-        raise ValueError(f"vocab_size {vocab_size} does not fit the uint16 token records (max {MAX_VOCAB_SIZE})")
 
     todo = _pending_shards(out, items, rank, world_size, config.shard_size, num_shards)
     if config.max_shards is not None:

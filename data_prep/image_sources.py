@@ -12,6 +12,9 @@ Three kinds of input, chosen by `detect_format` or `--input-format`:
 Files that are not images by extension are listed as skipped (with a reason), never silently lost;
 so are symbolic-link loops and files reached twice (each real folder is walked once and each real
 file listed once, by resolved path).
+
+Each item has an `identity` that does not depend on how INPUT was typed or on the current directory
+(resolved paths), so a resumed extraction recognises its inputs however the command spells them.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class SourceItem:
     origin: str       # human-readable location for reports
     offset: int = -1  # byte offset of the member inside `path` (wds inputs), -1 for whole files
     size: int = -1
+    identity: str = ""  # the image's resolved location (file, or tar::member): what a resume compares
 
     def read_bytes(self) -> bytes:
         if self.offset < 0:
@@ -71,14 +75,14 @@ def detect_format(source: str) -> str:
                             f"a .csv/.jsonl list, or WebDataset .tar files)")
 
 
-def _with_keys(entries: list[tuple[str, int, str, str, int, int]]) -> list[SourceItem]:
-    """Entries (relative name, label, path, origin, offset, size) in final order -> items with keys.
+def _with_keys(entries: list[tuple[str, int, str, str, int, int, str]]) -> list[SourceItem]:
+    """Entries (relative name, label, path, origin, offset, size, identity) in final order -> items with keys.
 
     The key starts with the item's position, so it is unique whatever the names contain.
     """
     return [SourceItem(key=safe_key(f"{index:08d}_{os.path.splitext(name)[0]}", max_length=80),
-                       label=label, path=path, origin=origin, offset=offset, size=size)
-            for index, (name, label, path, origin, offset, size) in enumerate(entries)]
+                       label=label, path=path, origin=origin, offset=offset, size=size, identity=identity)
+            for index, (name, label, path, origin, offset, size, identity) in enumerate(entries)]
 
 
 def _walk_class_folders(root: Path, class_dirs: list[Path]) -> tuple[list[tuple[str, int, bool]], list[dict]]:
@@ -152,10 +156,10 @@ def list_image_folder(root: str | Path) -> SourceList:
             skipped.append({"source": path, "reason": f"duplicate file: same as {first_by_real[real]} (listed once)"})
             continue
         first_by_real[real] = path
-        entries.append((os.path.relpath(path, root), label, path, path, -1, -1))
+        entries.append((os.path.relpath(path, root), label, path, path, -1, -1, real))
     entries.sort(key=lambda e: (e[1], e[0]))
     return SourceList(_with_keys(entries), [d.name for d in class_dirs], skipped,
-                      {"format": "imagefolder", "root": str(root)})
+                      {"format": "imagefolder", "root": os.path.realpath(root)})
 
 
 def _labels_to_ids(raw_labels: list[str], num_classes: int | None) -> tuple[list[int], list[str]]:
@@ -193,11 +197,15 @@ def list_from_file(list_path: str | Path, num_classes: int | None = None) -> Sou
                 rows.append((row[0].strip(), row[1].strip()))
     ids, class_names = _labels_to_ids([label for _, label in rows], num_classes)
     base = list_path.parent
+    # Identities from the list's resolved folder, not one realpath per row (a list may name a million
+    # files on a network file system): a relative row is relative to that folder, an absolute one is
+    # as written, so neither depends on how the list was named or on the current directory.
+    real_base = os.path.realpath(base)
     entries = []
     for (path, _), label in zip(rows, ids):
         full = path if os.path.isabs(path) else str(base / path)
-        entries.append((path, label, full, full, -1, -1))
-    return SourceList(_with_keys(entries), class_names, [], {"format": "list", "list": str(list_path)})
+        entries.append((path, label, full, full, -1, -1, os.path.normpath(os.path.join(real_base, path))))
+    return SourceList(_with_keys(entries), class_names, [], {"format": "list", "list": os.path.realpath(list_path)})
 
 
 def _expand_tars(source: str) -> list[str]:
@@ -238,6 +246,7 @@ def list_webdataset(source: str, num_classes: int | None = None) -> SourceList:
                         samples[key][ext] = (member.offset_data, member.size)
         except (tarfile.TarError, OSError) as e:
             skipped.append({"source": tar_path, "reason": f"unreadable tar after {len(order)} samples: {e}"})
+        real_tar = os.path.realpath(tar_path)
         for key in order:
             sample, origin = samples[key], f"{tar_path}::{key}"
             image_ext = next((e for e in WDS_IMAGE_EXTENSIONS if e in sample), None)
@@ -246,11 +255,10 @@ def list_webdataset(source: str, num_classes: int | None = None) -> SourceList:
                                 else "sample without a cls member"})
                 continue
             offset, size = sample[image_ext]
-            entries.append((f"{Path(tar_path).stem}_{key}", 0, tar_path, origin, offset, size))
+            entries.append((f"{Path(tar_path).stem}_{key}", 0, tar_path, origin, offset, size, f"{real_tar}::{key}"))
             raw_labels.append(sample["cls"])
     ids, class_names = _labels_to_ids(raw_labels, num_classes)
-    entries = [(name, label, path, origin, offset, size)
-               for (name, _, path, origin, offset, size), label in zip(entries, ids)]
+    entries = [(name, label, *rest) for (name, _, *rest), label in zip(entries, ids)]
     return SourceList(_with_keys(entries), class_names, skipped, {"format": "wds", "tars": len(tars)})
 
 

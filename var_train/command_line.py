@@ -28,8 +28,64 @@ from var_train.preemption import EXIT_CODE_INTERRUPTED
 DEBUG_ENV = "VAR_TRAIN_DEBUG"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its mistakes said like every other user error: one line `error: ...`, exit 2
+    (argparse prints the whole usage block first; `--help` still shows it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CODE_USER_ERROR, f"error: {message} (see {self.prog} --help)\n")
+
+
+# -- argument types: a value out of range is argparse's one-line error, before any work ----------------
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """A torch device this machine has (see `available_device`)."""
+    from var_train.errors import ConfigError
+    from var_train.precision import available_device
+
+    try:
+        available_device(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+# Names argparse puts into its message ("invalid positive_int value"): say what was expected instead.
+positive_int.__name__ = "whole number"
+non_negative_int.__name__ = "whole number"
+finite_float.__name__ = probability.__name__ = "number"
+device_name.__name__ = "device"
+
+
 def build_parser(prog: str, module_names: list[str], description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = _Parser(prog=prog, description=description)
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of user errors too (or set {DEBUG_ENV}=1)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -98,9 +154,8 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
     except KeyboardInterrupt:  # Ctrl-C is the user's choice, not a bug: no traceback unless --debug
         if debug:
             traceback.print_exc()
-        print("interrupted (Ctrl-C): work not yet saved is lost (a training run's first Ctrl-C saves a checkpoint "
-              "before it exits; a second one quits without it); run the same command again to resume",
-              file=sys.stderr, flush=True)
+        print("interrupted (Ctrl-C): what was finished is kept; run the same command again to go on (training "
+              "resumes from its last checkpoint, extraction from its last finished shard)", file=sys.stderr, flush=True)
         return EXIT_CODE_INTERRUPTED
 
 

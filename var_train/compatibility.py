@@ -160,10 +160,11 @@ def check_training_inputs(model_cfg, data_cfg, warn: Callable[[str], None] | Non
     vae = read_vae_facts(data_cfg.vae, "data.vae")
     differences = vae_model_differences(vae, model_cfg.vocab_size, model_cfg.z_channels,
                                         "the model (model.vocab_size / model.z_channels)")
-    for shards in (data_cfg.train_shards, data_cfg.val_shards):
+    for name, shards in (("data.train_shards", data_cfg.train_shards), ("data.val_shards", data_cfg.val_shards)):
         if shards:
             manifest = parse_source(shards).read_manifest()  # a URL's manifest is fetched like its shards
-            manifest.check_compatible(model_cfg.patch_nums, model_cfg.vocab_size, model_cfg.num_classes)
+            manifest.check_compatible(model_cfg.patch_nums, model_cfg.vocab_size, model_cfg.num_classes,
+                                      where=f"of {name} ({shards})")
             differences += vae_shard_differences(vae, manifest, shards)
     if eval_vae and Path(eval_vae) != Path(data_cfg.vae):
         decoder = read_vae_facts(eval_vae, "eval.vae")

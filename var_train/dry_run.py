@@ -67,11 +67,13 @@ def fine_tuning_lines(cfg: TrainConfig, model: VAR, memory: dict[str, float], wo
     """Warm start, frozen parameters (their gradients and AdamW states are never allocated, so the
     estimate above shrinks by that share) and the EMA copy (one more copy of the trainable
     parameters, sharded like them)."""
+    from var_train.models.adapt import check_reinit
     from var_train.models.freezing import freeze_parameters
 
     lines = []
     m = cfg.model
     if m.init_from:
+        check_reinit(model, m.reinit)  # the names alone: the weights are read when training starts
         lines.append(f"warm start:            from {m.init_from}" + (f", fresh: {', '.join(m.reinit)}" if m.reinit else "")
                      + " (every loaded / reinitialised / adapted tensor is listed when training starts)")
     summary = freeze_parameters(model, cfg.optim.freeze)

@@ -88,6 +88,20 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
+# The process's umask, read once (os.umask can only be read by setting it).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def _give_default_mode(path: Path) -> None:
+    """The mode a plain `open(path, "w")` would have given (0644 under the usual umask): some writers
+    create their file 0600 (safetensors does), which colleagues on a shared cluster cannot read."""
+    with contextlib.suppress(FileNotFoundError):
+        default = (0o777 if path.is_dir() else 0o666) & ~_UMASK
+        if path.stat().st_mode & 0o777 != default:
+            os.chmod(path, default)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, *, fsync: bool = True, expected_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temporary path to write `path`'s new content to; on success it replaces `path`.
@@ -97,6 +111,7 @@ def atomic_write(path: str | Path, *, fsync: bool = True, expected_bytes: int | 
     tmp = temporary_path(path)
     try:
         yield tmp
+        _give_default_mode(tmp)
         if fsync:
             fsync_path(tmp)
         os.replace(tmp, path)

@@ -23,16 +23,14 @@ def parse_classes(text: str | None, num_classes: int) -> list[int]:
     if not text:
         return list(range(num_classes))
     classes = []
-    try:
-        for part in text.split(","):
-            part = part.strip()
-            if "-" in part:
-                low, high = (int(x) for x in part.split("-", 1))
-                classes.extend(range(low, high + 1))
-            elif part:
-                classes.append(int(part))
-    except ValueError:
-        raise ConfigError(f"--classes {text!r}: expected class ids such as '0,3,7', '0-9' or 'null'") from None
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            low, high = (int(x) for x in part.split("-", 1)) if "-" in part else (int(part),) * 2
+        except ValueError:
+            raise ConfigError(f"--classes {text!r}: expected class ids such as '0,3,7', '0-9' or 'null'") from None
+        if high < low:
+            raise ConfigError(f"--classes {text!r}: the range {part} is empty; write it low-high")
+        classes.extend(range(low, high + 1))
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
         raise ConfigError(f"class ids {bad} are outside 0..{num_classes - 1} (the model has {num_classes} classes)")

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from var_train.errors import ConfigError
+
 PRECISIONS = ("auto", "bf16", "fp32")
 _X86_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -87,3 +89,18 @@ def describe_cpu_bf16() -> str:
     flags = _cpuinfo_bf16_flags()
     return (f"CPU capability {capability}, bf16 flags {flags or 'none'}: "
             f"native bf16 {'yes' if cpu_has_native_bf16() else 'no'}")
+
+
+def available_device(name: str) -> torch.device:
+    """`name` (cpu, cuda, cuda:1, ...) as a device this machine has; a ConfigError naming it otherwise,
+    so `--device cuda` without a GPU is one line, not a traceback from deep inside a model."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{name}: no CUDA GPU is visible here; use cpu (or leave --device out)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"{name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
+

@@ -63,7 +63,7 @@ def test_debug_flag_and_environment_show_the_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_vae", "var_as_vae", "missing_shards", "class_mismatch",
-                                  "missing_inception", "missing_feature_extractor", "missing_reference_stats"])
+                                  "val_class_mismatch", "missing_inception", "missing_feature_extractor", "missing_reference_stats"])
 def test_wrong_files_at_start_of_training(data, tmp_path, case):
     shards, vae, root = data
     overrides, fragment = {
@@ -71,6 +71,8 @@ def test_wrong_files_at_start_of_training(data, tmp_path, case):
         "var_as_vae": ([f"data.vae={_tiny_var(root)}"], "is not a VQVAE checkpoint (it is a VAR"),
         "missing_shards": ([f"data.train_shards={root / 'no_shards'}"], "data.train_shards not found"),
         "class_mismatch": (["model.num_classes=7"], "num_classes: shards 10, model 7"),
+        "val_class_mismatch": ([f"data.val_shards={_shards_of_3_classes(root)}"],
+                               "the token shards of data.val_shards"),
         # A scheduled evaluation's files are checked before anything is written, not at its first run.
         "missing_inception": (["eval.at_end=true", f"eval.inception_weights={root / 'no_inception.pth'}"],
                               "no_inception.pth"),
@@ -109,6 +111,13 @@ def _digit_classifier(root):
     path = root / "classifier.safetensors"
     if not path.exists():
         seeded_classifier(0).save(path)
+    return path
+
+
+def _shards_of_3_classes(root):
+    path = root / "shards_3_classes"
+    if not path.exists():
+        make_learnable_shards(path, num_records=32, num_classes=3)
     return path
 
 
@@ -163,3 +172,58 @@ def test_export_to_a_file_name_without_a_known_suffix_says_what_to_do(tmp_path):
     with pytest.raises(ConfigError, match=r"cannot tell the export format from x\.txt: end --out in \.safetensors "
                                           r"or \.pth, or give --format"):
         export_checkpoint(tmp_path / "run", tmp_path / "x.txt")
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--per-class", "0"], "argument --per-class: must be 1 or more, got 0"),
+    (["--per-class", "x"], "argument --per-class: invalid whole number value: 'x'"),
+    (["--batch-size", "-2"], "argument --batch-size: must be 1 or more, got -2"),
+    (["--top-k", "-5"], "argument --top-k: must be 0 or more, got -5"),
+    (["--top-p", "2"], "argument --top-p: must be between 0 and 1, got 2"),
+    (["--cfg", "nan"], "argument --cfg: must be a finite number, got nan"),
+    (["--device", "gpu0"], "argument --device: 'gpu0' is not a device"),
+])
+def test_sampling_flags_out_of_range_are_one_line_before_any_work(tmp_path, capsys, flags, fragment):
+    from var_train.cli import main
+
+    # The files do not exist: the flags are refused before anything is read.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "--var", str(tmp_path / "v"), "--vae", str(tmp_path / "q"), "--out", str(tmp_path), *flags])
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"error: {fragment}") and lines[0].endswith("(see var-train sample --help)"), err
+
+
+def test_cuda_without_a_gpu_and_a_missing_required_flag_are_one_line(tmp_path, capsys):
+    import torch
+
+    from var_train.cli import main
+
+    for argv, fragment in ([["train"], "the following arguments are required: --recipe (see var-train train --help)"],
+                           [["sample", "--var", "v", "--vae", "q", "--out", str(tmp_path), "--device", "cuda"],
+                            "no CUDA GPU is visible here"]):
+        if "cuda" in argv and torch.cuda.is_available():
+            continue  # a machine with a GPU has the device
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and fragment in err, err
+        assert err.startswith("error: "), err
+
+
+def test_an_empty_class_range_is_one_line(data, tmp_path):
+    _, vae, root = data
+    proc = run_command("var-train", "sample", "--var", _tiny_var(root), "--vae", vae, "--classes", "3-1",
+                       "--out", tmp_path / "s", timeout=60)
+    assert_one_line_error(proc, "the range 3-1 is empty")
+
+
+def test_a_misspelled_reinit_entry_is_refused_by_the_dry_run_and_at_start(data, tmp_path, capsys):
+    shards, vae, root = data
+    overrides = ["model.num_classes=10", f"model.init_from={_tiny_var(root)}", "model.reinit=[clas_emb]"]
+    args = train_args(shards, vae, tmp_path / "run", *overrides)
+    line = _main_error(capsys, [args[0], "--dry-run", *args[1:]])
+    assert "model.reinit ['clas_emb'] names no tensor of the model" in line and "class_emb" in line, line
+    proc = run_command("var-train", *train_args(shards, vae, tmp_path / "run", *overrides), timeout=120)
+    assert_one_line_error(proc, "model.reinit ['clas_emb'] names no tensor of the model")

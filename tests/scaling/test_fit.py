@@ -58,6 +58,13 @@ def test_power_law_fit_recovers_alpha_beta_and_reports_r():
     assert "at least 2 points" in fit_power_law([1e6], [4.0]).problem
 
 
+def test_a_flat_curve_is_no_fit_with_a_reason_not_beta_zero():
+    # Three short runs whose losses barely differ (a new user's 4-step sweep): the slope is ~1e-6,
+    # so beta = exp(intercept / alpha) is beyond floating point.
+    fit = fit_power_law([1.0e6, 2.0e6, 4.0e6], [5.5400, 5.5401, 5.5400])
+    assert fit.alpha is None and fit.beta is None and "barely change" in fit.problem, fit
+
+
 def test_frontier_keeps_the_lowest_loss_at_each_compute():
     curves = [[(1, 10.0), (2, 8.0), (4, 7.0)], [(2, 9.0), (4, 6.0), (8, 5.0)], [(3, 7.5), (8, 5.5), (16, 4.0)]]
     assert frontier(curves) == [(1, 10.0), (2, 8.0), (3, 7.5), (4, 6.0), (8, 5.0), (16, 4.0)]

@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import argparse
 
+from var_train.command_line import positive_int
+
 NAME = "demo"
 HELP = "the end-to-end demo on scikit-learn's digits (about ten minutes on a CPU)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    parser.add_argument("--nproc", type=int, default=2, help="training processes (default 2)")
+    parser.add_argument("--nproc", type=positive_int, default=2, help="training processes (default 2)")
     parser.add_argument("--tokenizer-minutes", type=float, default=2.0,
                         help="time budget of tokenizer training (default 2.0)")
-    parser.add_argument("--samples-per-class", type=int, default=20, help="evaluation samples per class (default 20)")
+    parser.add_argument("--samples-per-class", type=positive_int, default=20, help="evaluation samples per class (default 20)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="VAR training and sampling (auto: bf16 training on CPUs with native bf16, fp32 sampling "

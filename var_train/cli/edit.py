@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from var_train.command_line import device_name, positive_int
+
 from .sampling_options import add_model_arguments, add_sampling_arguments, sampling_settings
 
 NAME = "edit"
@@ -36,9 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--box", help="x0,y0,x1,y1 in the input image's pixels: the region to regenerate")
     parser.add_argument("--class", dest="class_id", default="null",
                         help="class id of the regenerated region, or 'null' for the unconditional class (default)")
-    parser.add_argument("--samples", type=int, default=1, help="number of edits to draw (default 1)")
+    parser.add_argument("--samples", type=positive_int, default=1, help="number of edits to draw (default 1)")
     add_sampling_arguments(parser)  # --cfg --top-k --top-p --seed --batch-size --precision, as `sample`
-    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    parser.add_argument("--device", type=device_name, default=None, help="cuda, cpu, ... (default: cuda if available)")
     parser.add_argument("--out", required=True, help="output PNG")
     parser.add_argument("--allow-vae-mismatch", action="store_true",
                         help="warn instead of refusing a VAE whose vocabulary or z channels differ from the VAR's, "

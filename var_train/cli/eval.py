@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from var_train.command_line import device_name, positive_int
+
 from .sampling_options import add_model_arguments, add_sampling_arguments, sampling_settings
 
 NAME = "eval"
@@ -38,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (samples, samples.npz, results.json)")
     parser.add_argument("--reference", default=None,
                         help="reference: stats .npz (var-train fid-stats), ADM reference batch .npz, or image folder")
-    parser.add_argument("--per-class", type=int, default=50, help="samples per class (default 50: 50,000 on ImageNet)")
-    parser.add_argument("--num-samples", type=int, default=None, help="total samples (overrides --per-class)")
+    parser.add_argument("--per-class", type=positive_int, default=50, help="samples per class (default 50: 50,000 on ImageNet)")
+    parser.add_argument("--num-samples", type=positive_int, default=None, help="total samples (overrides --per-class)")
     add_sampling_arguments(parser)
     parser.add_argument("--feature-extractor", default="inception",
                         help="'inception' (default) or a classifier .safetensors (e.g. the demo's)")
@@ -47,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="path of weights-inception-2015-12-05-6726825d.pth (default: $TORCH_HOME/hub/checkpoints/)")
     parser.add_argument("--no-precision-recall", dest="precision_recall", action="store_false",
                         help="skip precision/recall (they need per-image reference features)")
-    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda:LOCAL_RANK if available)")
+    parser.add_argument("--device", type=device_name, default=None, help="cuda, cpu, ... (default: cuda:LOCAL_RANK if available)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--no-log-to-run", dest="log_to_run", action="store_false",
                         help="when --var is a training run or checkpoint directory, do not append the results to "

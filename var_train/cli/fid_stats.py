@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 
+from var_train.command_line import device_name, positive_int
+
 NAME = "fid-stats"
 HELP = "compute reference statistics (mu, sigma, features) of real images for FID / precision / recall"
 
@@ -27,17 +29,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--shards", help="token-shard directory (decoded through --vae)")
     parser.add_argument("--vae", default=None, help="VQVAE checkpoint to decode --shards")
     parser.add_argument("--out", required=True, help="output .npz")
-    parser.add_argument("--resolution", type=int, default=None,
+    parser.add_argument("--resolution", type=positive_int, default=None,
                         help="image side for --images folders (default: the first image's shorter side)")
-    parser.add_argument("--limit", type=int, default=None, help="use at most this many images/records")
+    parser.add_argument("--limit", type=positive_int, default=None, help="use at most this many images/records")
     parser.add_argument("--feature-extractor", default="inception",
                         help="'inception' (default) or a classifier .safetensors (e.g. the demo's)")
     parser.add_argument("--inception-weights", default=None,
                         help="path of weights-inception-2015-12-05-6726825d.pth (default: $TORCH_HOME/hub/checkpoints/)")
-    parser.add_argument("--batch-size", type=int, default=100, help="images per batch (default 100)")
+    parser.add_argument("--batch-size", type=positive_int, default=100, help="images per batch (default 100)")
     parser.add_argument("--no-features", dest="keep_features", action="store_false",
                         help="store only mu/sigma (smaller file; no precision/recall against it)")
-    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda:LOCAL_RANK if available)")
+    parser.add_argument("--device", type=device_name, default=None, help="cuda, cpu, ... (default: cuda:LOCAL_RANK if available)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

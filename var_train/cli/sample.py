@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from var_train.command_line import device_name, positive_int
+
 from .sampling_options import add_model_arguments, add_sampling_arguments, sampling_settings
 
 NAME = "sample"
@@ -30,9 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="class ids: '0,3,7', '0-9' or a mix (default: all); 'null' = the unconditional class")
     parser.add_argument("--unconditional", action="store_true",
                         help="sample the null class of classifier-free guidance (same as --classes null)")
-    parser.add_argument("--per-class", type=int, default=4, help="images per class (default 4)")
+    parser.add_argument("--per-class", type=positive_int, default=4, help="images per class (default 4)")
     add_sampling_arguments(parser)
-    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    parser.add_argument("--device", type=device_name, default=None, help="cuda, cpu, ... (default: cuda if available)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--allow-vae-mismatch", action="store_true",
                         help="warn instead of refusing a VAE whose vocabulary or z channels differ from the VAR's, "

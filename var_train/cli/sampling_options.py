@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from var_train.command_line import finite_float, non_negative_int, positive_int, probability
 from var_train.models.sampling import PRECISIONS, SamplingSettings
 
 DEFAULTS = SamplingSettings()
@@ -23,16 +24,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, var_help: str = VAR_HEL
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, batch_size: int = 32) -> None:
-    parser.add_argument("--cfg", type=float, default=DEFAULTS.cfg,
+    parser.add_argument("--cfg", type=finite_float, default=DEFAULTS.cfg,
                         help=f"classifier-free guidance at the last scale (default {DEFAULTS.cfg})")
-    parser.add_argument("--top-k", type=int, default=DEFAULTS.top_k,
+    parser.add_argument("--top-k", type=non_negative_int, default=DEFAULTS.top_k,
                         help=f"keep the k most likely tokens, 0 = off (default {DEFAULTS.top_k})")
-    parser.add_argument("--top-p", type=float, default=DEFAULTS.top_p,
+    parser.add_argument("--top-p", type=probability, default=DEFAULTS.top_p,
                         help=f"nucleus probability, 0 = off (default {DEFAULTS.top_p})")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed,
                         help="random seed; sample i's draws follow from (seed, i), so images do not depend on "
                              f"--batch-size or the number of processes (default {DEFAULTS.seed})")
-    parser.add_argument("--batch-size", type=int, default=batch_size,
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size,
                         help=f"images per sampling batch (default {batch_size})")
     parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision,
                         help="token sampling precision; auto = bf16 on GPU and for bf16 weights, fp32 on CPUs "

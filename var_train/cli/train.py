@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from var_train.command_line import positive_int
+
 NAME = "train"
 HELP = "train VAR from token shards (FSDP2, DeepSpeed, DDP or Accelerate)"
 
@@ -29,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config, parameters, FLOPs, steps and memory per GPU, then exit")
-    parser.add_argument("--world-size", type=int, default=None,
+    parser.add_argument("--world-size", type=positive_int, default=None,
                         help="with --dry-run: plan for this many GPUs (default: WORLD_SIZE or 1)")
 
 

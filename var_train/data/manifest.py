@@ -57,8 +57,9 @@ class Manifest:
     created: str = ""
     format_version: int = FORMAT_VERSION
 
-    def check_compatible(self, patch_nums, vocab_size: int, num_classes: int) -> None:
-        """Raise MismatchError (a ValueError) listing every way these shards disagree with the model."""
+    def check_compatible(self, patch_nums, vocab_size: int, num_classes: int, where: str = "") -> None:
+        """Raise MismatchError (a ValueError) listing every way these shards disagree with the model;
+        `where` names them in the message (e.g. "of data.val_shards (path)")."""
         differences = []
         if list(patch_nums) != list(self.patch_nums):
             differences.append(f"patch_nums: shards {tuple(self.patch_nums)}, model {tuple(patch_nums)}")
@@ -67,8 +68,9 @@ class Manifest:
         if int(num_classes) != self.num_classes:
             differences.append(f"num_classes: shards {self.num_classes}, model {num_classes}")
         if differences:
-            raise MismatchError("token shards do not match the model (set these model.* keys to the shards' "
-                                "values, or extract shards for this model):\n  " + "\n  ".join(differences))
+            raise MismatchError(f"the token shards {where + ' ' if where else ''}do not match the model (set these "
+                                "model.* keys to the shards' values, or extract shards for this model):\n  "
+                                + "\n  ".join(differences))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -26,12 +26,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from var_train.data.images import IMAGE_EXTENSIONS, class_folders, list_image_files, read_image_rgb
 from var_train.errors import MismatchError, MissingInputError
 from var_train.fileio import atomic_write
+from var_train.models.checkpoint_io import read_weights
 
 from .features import ExtractedFeatures, ExtractorKind, FeatureExtractor, register_extractor, to_uint8_images
 from .metrics import ClassAccuracy
@@ -95,13 +95,12 @@ class ClassifierFeatureExtractor(FeatureExtractor):
     @classmethod
     def load(cls, path: str | Path) -> "ClassifierFeatureExtractor":
         path = Path(path)
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
+        state, metadata = read_weights(path)
         if CONFIG_METADATA_KEY not in metadata:
             raise MismatchError(f"{path} is not a classifier checkpoint written by train_classifier "
                                 f"(no {CONFIG_METADATA_KEY!r} in its metadata)")
         extractor = cls(ClassifierConfig(**json.loads(metadata[CONFIG_METADATA_KEY])), _file_digest(path))
-        extractor.network.load_state_dict(load_file(str(path)), strict=True)
+        extractor.network.load_state_dict(state, strict=True)
         extractor.network.requires_grad_(False)
         return extractor.eval()
 

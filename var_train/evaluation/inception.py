@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from var_train.errors import MismatchError, MissingInputError
+from var_train.models.checkpoint_io import read_weights
 
 from .features import ExtractedFeatures, ExtractorKind, FeatureExtractor, register_extractor
 
@@ -52,7 +53,7 @@ def resolve_inception_weights(path: str | Path | None = None) -> Path:
 
 
 def _load_inception_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state, _ = read_weights(path)
     if not isinstance(state, dict) or "fc.weight" not in state or "Conv2d_1a_3x3.conv.weight" not in state:
         raise MismatchError(f"{path} is not torch-fidelity's Inception v3 state dict "
                             f"({INCEPTION_WEIGHTS_FILENAME})")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from var_train.errors import MismatchError
+from var_train.errors import ConfigError, MismatchError
 
 from .var import VAR
 
@@ -59,6 +59,16 @@ def _matches(name: str, prefixes: list[str]) -> bool:
         if fnmatch.fnmatchcase(name, prefix) or name == prefix or name.startswith(prefix.rstrip(".") + "."):
             return True
     return False
+
+
+def check_reinit(model: VAR, reinit: list[str] | tuple[str, ...]) -> None:
+    """A misspelled `model.reinit` entry would silently reinitialise nothing: refuse it by name."""
+    names = list(model.state_dict())
+    unmatched = [entry for entry in reinit if not any(_matches(name, [entry]) for name in names)]
+    if unmatched:
+        top_level = sorted({name.split(".")[0] for name, _ in model.named_parameters()})
+        raise ConfigError(f"model.reinit {unmatched} names no tensor of the model: give parameter name prefixes or "
+                          f"globs such as {', '.join(top_level[:8])}, blocks.0. or blocks.*.ffn*")
 
 
 def _patch_nums_of(state: dict[str, torch.Tensor]) -> list[int] | None:
@@ -103,6 +113,7 @@ def warm_start(model: VAR, state: dict[str, torch.Tensor], source: str = "<state
     if class_init not in CLASS_INITS:
         raise ValueError(f"class_init must be one of {CLASS_INITS}, got {class_init!r}")
     reinit = list(reinit)
+    check_reinit(model, reinit)
     target = model.state_dict()
     report = WarmStartReport(source)
     new_values: dict[str, torch.Tensor] = {}

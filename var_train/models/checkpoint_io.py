@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
 from safetensors import safe_open
+from safetensors.torch import save_file
 
-from var_train.errors import MismatchError, MissingInputError
+from var_train.errors import CorruptFileError, MismatchError, MissingInputError, UnsafeFileError
 from var_train.fileio import atomic_write
 
 from .quantizer import DEFAULT_PATCH_NUMS, MultiScaleQuantizer
@@ -66,17 +68,51 @@ def _existing(path: str | Path) -> Path:
     return path
 
 
+def read_weights(path: str | Path, metadata_only: bool = False) -> tuple[Any, dict[str, str]]:
+    """-> (a .safetensors file's tensors, or what any other file holds as read by
+    `torch.load(weights_only=True)`; the safetensors metadata, {} for a .pth). `metadata_only`
+    reads just a .safetensors header (tensors None). Every weights file of the project is read
+    here, so a truncated, damaged or wrong file (a PNG passed as weights) is one user error
+    naming it, not the reader's traceback."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                return (None if metadata_only else {k: f.get_tensor(k) for k in f.keys()}), metadata
+        return torch.load(path, map_location="cpu", weights_only=True), {}
+    # Only the readers run here, and on bytes that are not theirs they raise many types: safetensors
+    # its SafetensorError; torch.load a RuntimeError or OSError for a cut zip, and KeyError,
+    # IndexError, EOFError, UnpicklingError, ... where its unpickler meets no pickle (a PNG, a text).
+    except Exception as error:
+        raise _unreadable(path, error) from error
+
+
+def _unreadable(path: Path, error: Exception) -> UnsafeFileError | CorruptFileError:
+    text = str(error)
+    if "Unsupported global" in text:  # weights_only refused a Python object: loading it could run code
+        wanted = re.search(r"GLOBAL (\S+)", text)
+        return UnsafeFileError(f"refusing to load {path}: it asks for {wanted[1] if wanted else 'a Python object'}, "
+                               f"which plain weights never contain (loading it could run code); pass a state "
+                               f"dict of tensors or a .safetensors file (`var-train export`)")
+    if path.suffix == ".safetensors" or isinstance(error, (RuntimeError, OSError)):
+        reason = (text.splitlines() or [type(error).__name__])[0][:160]
+    else:  # the unpickler's own words ("KeyError: 101", "Unsupported operand 80") would not help
+        reason = "not a file written by torch.save"
+    kind = ".safetensors" if path.suffix == ".safetensors" else "PyTorch weights"
+    return CorruptFileError(f"{path} is not a readable {kind} file (truncated, damaged or not weights: {reason}); "
+                            f"export it again or check the download")
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """-> (state dict on CPU, our stored config or None for a reference .pth)."""
     path = _existing(path)
+    state, metadata = read_weights(path)
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
         config = json.loads(metadata[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in metadata else None
-        return load_file(str(path)), config
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        return state, config
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} is not a plain state dict of tensors (the reference .pth layout)")
+        raise MismatchError(f"{path} is not a plain state dict of tensors (the reference .pth layout)")
     return state, None
 
 
@@ -99,8 +135,7 @@ def read_training_vae(path: str | Path) -> dict | None:
     path = _existing(path)
     if path.suffix != ".safetensors":
         return None
-    with safe_open(str(path), framework="pt") as f:
-        recorded = (f.metadata() or {}).get(TRAINING_VAE_METADATA_KEY)
+    recorded = read_weights(path, metadata_only=True)[1].get(TRAINING_VAE_METADATA_KEY)
     return json.loads(recorded) if recorded else None
 
 

@@ -20,11 +20,13 @@ bf16 kernels on a GPU may still round a row differently with the batch size.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
+from var_train.errors import ConfigError
 from var_train.precision import PRECISIONS, resolve_sampling_precision
 
 from .quantizer import MultiScaleQuantizer
@@ -54,9 +56,11 @@ class SamplingSettings:
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.top_k < 0 or not 0 <= self.top_p <= 1:
-            raise ValueError(f"top_k must be >= 0 and top_p in [0, 1], got {self.top_k}, {self.top_p}")
+            raise ConfigError(f"top_k must be >= 0 and top_p in [0, 1], got {self.top_k}, {self.top_p}")
+        if not math.isfinite(self.cfg):
+            raise ConfigError(f"cfg must be a finite number, got {self.cfg}")
 
 
 def sample_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -66,7 +66,14 @@ def fit_power_law(x, y, confidence: float = 0.95) -> PowerLawFit:
                            problem=f"the values are all {y[0]:g}: no power law (L = (beta X)^alpha) fits them")
     result = stats.linregress(np.log(x), np.log(y))
     alpha, intercept = float(result.slope), float(result.intercept)
-    beta = math.exp(intercept / alpha) if alpha != 0 else math.nan
+    try:
+        beta = math.exp(intercept / alpha) if alpha != 0 else math.inf
+    except OverflowError:
+        beta = math.inf
+    if not 0 < beta < math.inf:  # a flat curve: L = (beta X)^alpha needs beta beyond floating point
+        return PowerLawFit(None, None, float(result.rvalue), None, points, confidence,
+                           problem=f"the values barely change with x (slope {alpha:.2g} in log-log): no power law "
+                                   f"fits them; train longer, or over a wider range of sizes")
     ci = None
     if len(x) > 2 and math.isfinite(result.stderr):
         t = float(stats.t.ppf(0.5 + confidence / 2, len(x) - 2))

@@ -61,9 +61,8 @@ def markdown(fits: dict[str, PowerLawFit], runs: list[RunRecord], left_out: list
                      f"{len(fit.points)} | {num(paper_alpha, '.2f')} | {num(paper_beta, '.2g')} | "
                      f"{num(paper_r, '.3f')} |")
     lines += ["", "Against params: each run's latest validation. Against compute: the frontier (the lowest loss "
-              "reached by any run at each compute). The paper's betas depend on units of N and C that "
-              "REFERENCE.md does not state: compare exponents and r. Error-rate coefficients of the paper are "
-              "not in REFERENCE.md.", "", "## Runs", "", "| run | depth | params | train FLOPs | status |",
+              "reached by any run at each compute). The paper's betas depend on units of N and C that it "
+              "does not state: compare exponents and r.", "", "## Runs", "", "| run | depth | params | train FLOPs | status |",
               "| --- | --- | --- | --- | --- |"]
     for run in [*runs, *left_out]:
         params = "—" if run.params is None else f"{run.params:,}"

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torchvision.models.vgg import cfgs, make_layers
 
 from var_train.errors import MismatchError, MissingInputError
+from var_train.models.checkpoint_io import read_weights
 
 # torchvision VGG16 `features` indices right after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
 _VGG16_TAPS = (3, 8, 15, 22, 29)
@@ -33,7 +34,7 @@ def _load_state_dict_file(path: str | Path, what: str, flag: str) -> dict[str, t
     path = Path(path)
     if not path.is_file():
         raise MissingInputError(f"{what} not found: {path} (pass a local file with {flag}; nothing is downloaded)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state, _ = read_weights(path)
     if not isinstance(state, dict):
         raise MismatchError(f"{path} is not a state dict ({what})")
     return state

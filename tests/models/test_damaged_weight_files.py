@@ -1,0 +1,176 @@
+"""A truncated, damaged or wrong weights file (a PNG, a text file) given to any command that reads
+weights: one line `error: <file> is not a readable ... file`, exit 2, no traceback. The files are
+real ones, cut or garbled on disk the way a broken download or copy leaves them."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.evaluation.helpers import seeded_classifier
+from tests.models.tiny import VAR_KW
+from tests.reliability.helpers import assert_one_line_error, run_command, train_args
+from tests.training.learnable_shards import make_learnable_shards, make_tiny_vae
+from var_train.errors import CorruptFileError, MismatchError, UnsafeFileError
+from var_train.models import VAR
+from var_train.models.checkpoint_io import (load_vae, read_checkpoint, read_training_vae, save_model,
+                                            save_reference_layout)
+
+UNREADABLE = "is not a readable"
+AGAIN = "export it again or check the download"
+
+
+def truncated(path, out):
+    data = path.read_bytes()
+    out.write_bytes(data[: len(data) // 2])
+    return out
+
+
+def damaged_header(path, out):
+    """safetensors: 8 bytes of header length, then the JSON header; its opening `{` becomes `z`."""
+    data = bytearray(path.read_bytes())
+    data[8] ^= 0x01
+    out.write_bytes(bytes(data))
+    return out
+
+
+def png(out):
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(out, format="PNG")
+    return out
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("damaged_weights")
+    vae = make_tiny_vae(root / "vae.safetensors")
+    var = save_model(VAR(**VAR_KW), root / "var.safetensors")
+    vae_pth = save_reference_layout(load_vae(vae), root / "vae.pth")
+    images = root / "images" / "a"
+    images.mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (64, 64), (40 * i, 90, 160)).save(images / f"{i}.png")
+    text = root / "notes.pth"
+    text.write_text("these are not weights\n")
+    return dict(root=root, vae=vae, var=var, vae_pth=vae_pth, images=root / "images", text=text,
+                truncated_vae=truncated(vae, root / "truncated_vae.safetensors"),
+                truncated_var=truncated(var, root / "truncated_var.safetensors"),
+                header_vae=damaged_header(vae, root / "header_vae.safetensors"),
+                header_var=damaged_header(var, root / "header_var.safetensors"),
+                truncated_pth=truncated(vae_pth, root / "truncated_vae.pth"),
+                png_pth=png(root / "picture.pth"), png_safetensors=png(root / "picture.safetensors"))
+
+
+# -- the reader: every kind of damage is a CorruptFileError naming the file -----------------------
+@pytest.mark.parametrize("name, reason", [
+    ("truncated_vae", "file not fully covered"), ("header_vae", "header"), ("png_safetensors", "header"),
+    ("truncated_pth", "truncated, damaged or not weights"), ("png_pth", "not a file written by torch.save"),
+    ("text", "not a file written by torch.save"),
+])
+def test_read_checkpoint_names_the_damaged_file(files, name, reason):
+    with pytest.raises(CorruptFileError) as caught:
+        read_checkpoint(files[name])
+    message = str(caught.value)
+    assert str(files[name]) in message and UNREADABLE in message and reason in message and AGAIN in message
+    assert "\n" not in message
+
+
+def test_training_vae_record_of_a_damaged_var_file(files):
+    with pytest.raises(CorruptFileError, match="header"):
+        read_training_vae(files["header_var"])
+
+
+def test_a_pickled_python_object_is_refused_as_unsafe(files, tmp_path):
+    path = tmp_path / "namespace.pth"
+    torch.save({"args": argparse.Namespace(lr=1.0)}, path)
+    with pytest.raises(UnsafeFileError, match=r"refusing to load .*namespace\.pth: it asks for argparse\.Namespace"):
+        read_checkpoint(path)
+
+
+def test_a_pth_that_is_not_a_state_dict_is_a_mismatch(files, tmp_path):
+    path = tmp_path / "list.pth"
+    torch.save([torch.zeros(2)], path)
+    with pytest.raises(MismatchError, match="not a plain state dict of tensors"):
+        read_checkpoint(path)
+
+
+def test_other_weight_readers(files, tmp_path):
+    from var_train.evaluation.classifier import ClassifierFeatureExtractor
+    from var_train.evaluation.inception import _load_inception_state_dict
+    from var_train.tokenizer.losses import _load_state_dict_file
+
+    with pytest.raises(CorruptFileError, match="truncated, damaged or not weights"):
+        _load_inception_state_dict(files["truncated_pth"])
+    with pytest.raises(CorruptFileError, match="not a file written by torch.save"):
+        _load_state_dict_file(files["png_pth"], "VGG16 weights", "--vgg16-weights")
+    classifier = truncated(seeded_classifier(0).save(tmp_path / "classifier.safetensors"), tmp_path / "cut.safetensors")
+    with pytest.raises(CorruptFileError, match="file not fully covered"):
+        ClassifierFeatureExtractor.load(classifier)
+
+
+# -- through the commands: one line, exit 2, no traceback ------------------------------------------
+def _in_process(capsys, main, argv) -> str:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_sample_with_a_truncated_var_as_a_fresh_process(files, tmp_path):
+    proc = run_command("var-train", "sample", "--var", files["truncated_var"], "--vae", files["vae"],
+                       "--out", tmp_path / "s", timeout=120)
+    assert_one_line_error(proc, f"error: {files['truncated_var']} {UNREADABLE} .safetensors file", AGAIN)
+
+
+def test_extract_with_a_png_as_vae_as_a_fresh_process(files, tmp_path):
+    proc = run_command("var-prep", "extract", files["images"], "--vae", files["png_pth"], "--out", tmp_path / "out",
+                       "--no-progress", "--num-workers", "0", timeout=120)
+    assert_one_line_error(proc, f"{files['png_pth']} {UNREADABLE} PyTorch weights file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_edit_and_sample_with_a_damaged_vae_header(files, tmp_path, capsys):
+    from var_train.cli import main
+
+    image = files["images"] / "a" / "0.png"
+    line = _in_process(capsys, main, ["edit", "--var", files["var"], "--vae", files["header_vae"], "--image", image,
+                                      "--box", "0,0,32,32", "--out", tmp_path / "e.png"])
+    assert f"{files['header_vae']} {UNREADABLE}" in line
+    line = _in_process(capsys, main, ["sample", "--var", files["header_var"], "--vae", files["vae"],
+                                      "--out", tmp_path / "s"])
+    assert f"{files['header_var']} {UNREADABLE}" in line
+
+
+@pytest.mark.parametrize("override", ["data.vae", "model.init_from"])
+def test_train_with_a_damaged_vae_or_init_from(files, tmp_path, capsys, override):
+    from var_train.cli import main
+
+    shards = files["root"] / "shards"
+    if not shards.exists():
+        make_learnable_shards(shards, num_records=8)
+    damaged = files["truncated_pth"] if override == "data.vae" else files["png_safetensors"]
+    line = _in_process(capsys, main, train_args(shards, files["vae"], tmp_path / "run", "model.num_classes=10",
+                                                f"{override}={damaged}"))
+    assert f"{damaged} {UNREADABLE}" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_fid_stats_with_a_text_file_as_inception_weights(files, tmp_path, capsys):
+    from var_train.cli import main
+
+    line = _in_process(capsys, main, ["fid-stats", "--images", files["images"], "--resolution", "32",
+                                      "--inception-weights", files["text"], "--out", tmp_path / "stats.npz",
+                                      "--device", "cpu", "--quiet"])
+    assert f"{files['text']} {UNREADABLE} PyTorch weights file" in line
+
+
+def test_train_tokenizer_init_from_a_truncated_vae(files, tmp_path, capsys):
+    from data_prep.cli import main
+
+    line = _in_process(capsys, main, ["train-tokenizer", "--data-dir", files["images"], "--output-dir", tmp_path / "tok",
+                                      "--init-from", files["truncated_vae"], "--max-steps", "1", "--no-progress",
+                                      "--wandb-mode", "disabled", "--num-workers", "0"])
+    assert f"{files['truncated_vae']} {UNREADABLE}" in line

@@ -124,7 +124,9 @@ def describe(cfg: TrainConfig, world_size: int) -> str:
         steps = steps_per_epoch(manifest.num_records, cfg, world_size) if accumulation.is_integer() else \
             manifest.num_records // cfg.optim.global_batch_size
         lines.append(f"steps per epoch:       {steps:,} ({manifest.num_records:,} records); "
-                     f"{round(steps * cfg.optim.epochs):,} steps for {cfg.optim.epochs:g} epochs")
+                     f"{round(steps * cfg.optim.epochs):,} steps for {cfg.optim.epochs:g} epochs"
+                     + (f"; the run stops at optim.max_steps={cfg.optim.max_steps:,} (the schedule still spans the "
+                        f"epochs)" if cfg.optim.max_steps and cfg.optim.max_steps < steps * cfg.optim.epochs else ""))
     except LookupError:
         pass
     except (FileNotFoundError, ValueError, OSError) as error:

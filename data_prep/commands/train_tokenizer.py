@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 
+from var_train.command_line import finite_float
 from var_train.parallel.distributed import launcher_ranks
 from var_train.tokenizer import TokenizerTrainingConfig, train_tokenizer
 
@@ -75,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--preset", choices=sorted(PRESETS), default=None,
                     help="start from a named configuration (explicit flags still win): "
                          + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
-    io.add_argument("--val-fraction", type=float, default=None, help=f"held-out share of the images (default {d.val_fraction})")
+    io.add_argument("--val-fraction", type=finite_float, default=None, help=f"held-out share of the images (default {d.val_fraction})")
     io.add_argument("--val-max-images", type=int, default=None, help=f"cap on held-out images (default {d.val_max_images})")
     io.add_argument("--hflip", action="store_true", default=None, help="random horizontal flips in training")
     io.add_argument("--num-workers", type=int, default=None, help=f"data loader workers per process (default {d.num_workers})")
@@ -93,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--patch-nums", type=_patch_nums, default=None,
                        help="token-map sides per scale, e.g. 1,2,3,4 (resolution = downsampling x the last); "
                             "default the released 1,2,3,4,5,6,8,10,13,16")
-    model.add_argument("--beta", type=float, default=None, help=f"commitment weight (default {d.beta})")
+    model.add_argument("--beta", type=finite_float, default=None, help=f"commitment weight (default {d.beta})")
     model.add_argument("--ch-mult", type=_int_list, default=None,
                        help="channel multiplier per level, e.g. 1,1,2 (2^(levels-1)x downsampling; "
                             "default the released 1,1,2,2,4: 16x)")
@@ -102,28 +103,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--batch-size", type=int, default=None, help=f"images per process per step (default {d.batch_size})")
-    optim.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default {d.lr})")
-    optim.add_argument("--weight-decay", type=float, default=None, help=f"(default {d.weight_decay})")
+    optim.add_argument("--lr", type=finite_float, default=None, help=f"AdamW learning rate (default {d.lr})")
+    optim.add_argument("--weight-decay", type=finite_float, default=None, help=f"(default {d.weight_decay})")
     optim.add_argument("--max-steps", type=int, default=None, help=f"total optimizer steps (default {d.max_steps})")
-    optim.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time (resumable)")
+    optim.add_argument("--max-minutes", type=finite_float, default=None, help="stop after this much training time (resumable)")
     optim.add_argument("--warmup-steps", type=int, default=None, help=f"linear LR warmup steps (default {d.warmup_steps})")
-    optim.add_argument("--hold-fraction", type=float, default=None,
+    optim.add_argument("--hold-fraction", type=finite_float, default=None,
                        help=f"share of the post-warmup steps held at the peak LR (default {d.hold_fraction})")
-    optim.add_argument("--wpe", type=float, default=None,
+    optim.add_argument("--wpe", type=finite_float, default=None,
                        help=f"final LR as a fraction of --lr, reached at --max-steps; 1 = constant (default {d.wpe})")
-    optim.add_argument("--clip-grad-norm", type=float, default=None,
+    optim.add_argument("--clip-grad-norm", type=finite_float, default=None,
                        help=f"clip the gradient norm to this, 0 = no clipping (default {d.clip_grad_norm})")
     optim.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="bf16 autocast (GPU) or fp32 (default)")
     optim.add_argument("--seed", type=int, default=None, help=f"(default {d.seed})")
 
     losses = parser.add_argument_group("losses")
-    losses.add_argument("--l2-weight", type=float, default=None, help=f"pixel MSE weight (default {d.l2_weight})")
-    losses.add_argument("--l1-weight", type=float, default=None, help=f"pixel L1 weight (default {d.l1_weight})")
-    losses.add_argument("--vq-weight", type=float, default=None, help=f"codebook + commitment weight (default {d.vq_weight})")
-    losses.add_argument("--lpips-weight", type=float, default=None, help="LPIPS weight (default 0; needs the two files below)")
+    losses.add_argument("--l2-weight", type=finite_float, default=None, help=f"pixel MSE weight (default {d.l2_weight})")
+    losses.add_argument("--l1-weight", type=finite_float, default=None, help=f"pixel L1 weight (default {d.l1_weight})")
+    losses.add_argument("--vq-weight", type=finite_float, default=None, help=f"codebook + commitment weight (default {d.vq_weight})")
+    losses.add_argument("--lpips-weight", type=finite_float, default=None, help="LPIPS weight (default 0; needs the two files below)")
     losses.add_argument("--lpips-weights", default=None, help="local LPIPS linear heads (the lpips package's weights/v0.1/vgg.pth)")
     losses.add_argument("--vgg16-weights", default=None, help="local torchvision VGG16 state dict (vgg16-397923af.pth)")
-    losses.add_argument("--disc-weight", type=float, default=None,
+    losses.add_argument("--disc-weight", type=finite_float, default=None,
                         help="weight of the PatchGAN hinge loss (default 0 = no discriminator; the VAR paper used 0.5)")
     losses.add_argument("--disc-start", type=int, default=None, help="step at which the adversarial term starts (default 0)")
     losses.add_argument("--dead-code-steps", type=int, default=None,

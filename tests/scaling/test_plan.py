@@ -132,6 +132,10 @@ def test_cli_prints_sbatch_lines_that_load(tmp_path):
         overrides = words[words.index(str(REPO_ROOT / "slurm" / "train.sbatch")) + 1:]
         cfg = load_config(REPO_ROOT / "recipes/d16.yaml", overrides)
         assert cfg.data.vae == "/v.pth" and cfg.logging.wandb_group == "sw"
+    # recipes/d16.yaml leaves data.train_shards empty: the lines would stop at start, and it is said
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "data.train_shards not set" in warnings[0] and "data.vae" not in warnings[0], \
+        proc.stderr
     as_json = subprocess.run([sys.executable, "-m", "var_train.cli", "scaling", "plan", "--recipe", "recipes/d16.yaml",
                               "--world-size", "3", "--json", "--depths", "16", "30"],
                              cwd=REPO_ROOT, capture_output=True, text=True)

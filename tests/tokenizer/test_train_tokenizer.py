@@ -290,6 +290,11 @@ def test_cli_user_errors_are_one_line_exit_2(digits, tmp_path, capsys):
     code = var_prep(["train-tokenizer", "--data-dir", str(digits), "--output-dir", str(tmp_path / "o"),
                      *TINY_FLAGS, "--lpips-weight", "1"])
     assert code == 2 and "--lpips-weights" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own check: before any process group
+        var_prep(["train-tokenizer", "--data-dir", str(digits), "--output-dir", str(tmp_path / "o"), "--lr", "nan"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err == [
+        "error: argument --lr: must be a finite number, got nan (see var-prep train-tokenizer --help)"], err
 
 
 def _fake_lpips_files(tmp_path: Path) -> tuple[Path, Path]:

@@ -59,6 +59,18 @@ def test_dry_run_prints_the_plan(capsys):
     assert "310,283,520" in out and "839.3 GFLOP" in out and "522,240" in out and "memory per GPU" in out
 
 
+def test_dry_run_says_where_optim_max_steps_stops_the_run(tmp_path, capsys):
+    from tests.training.learnable_shards import make_learnable_shards
+
+    shards = make_learnable_shards(tmp_path / "shards", num_records=64)  # batch 16: 4 steps an epoch
+    argv = ["train", "--recipe", "recipes/tiny.yaml", "--dry-run", f"data.train_shards={shards}"]
+    assert main([*argv, "optim.max_steps=6"]) == 0
+    out = capsys.readouterr().out
+    assert "80 steps for 20 epochs; the run stops at optim.max_steps=6" in out, out
+    assert main([*argv, "optim.max_steps=500"]) == 0  # beyond the schedule: nothing to say
+    assert "the run stops at" not in capsys.readouterr().out
+
+
 def test_lr_schedule_warmup_hold_linear_decay():
     s = Schedule(peak_lr=1.0, total_steps=101, warmup_steps=10, warmup_start_ratio=0.005, hold_fraction=0.1, wpe=0.1)
     assert s.lr(0) == pytest.approx(0.005)

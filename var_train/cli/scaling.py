@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     import subprocess
 
+    from var_train.config import load_config
     from var_train.errors import UserError
     from var_train.models import PAPER_DEPTHS
     from var_train.scaling.plan import format_table, plan_sweep, sbatch_lines
@@ -104,6 +105,10 @@ def _plan(args: argparse.Namespace) -> int:
                           for job in jobs], indent=2))
     elif args.print_commands:
         print("\n".join(sbatch_lines(jobs, args.recipe, root, args.sbatch)))
+        missing = _missing_inputs(load_config(args.recipe, args.overrides))
+        if missing:  # the lines are for copying into a shell: say now that they would fail at start
+            print(f"warning: {' and '.join(missing)} not set: these jobs would stop at start; add "
+                  f"{' '.join(f'{name}=...' for name in missing)} to the command", file=sys.stderr)
     else:
         print(format_table(jobs, args.tflops_per_gpu))
     if invalid:
@@ -124,6 +129,11 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _missing_inputs(cfg) -> list[str]:
+    return [name for name, value in (("data.train_shards", cfg.data.train_shards), ("data.vae", cfg.data.vae))
+            if not value]
+
+
 def _check_inputs_before_submitting(recipe: str, overrides: list[str]) -> None:
     """The start-up checks of training (files exist, VAE, shards and model agree), here, once: a
     mistake is one line now, not a dozen jobs that wait in the queue and then fail."""
@@ -131,8 +141,7 @@ def _check_inputs_before_submitting(recipe: str, overrides: list[str]) -> None:
     from var_train.config import ConfigError, load_config
 
     cfg = load_config(recipe, overrides)
-    missing = [name for name, value in (("data.train_shards", cfg.data.train_shards), ("data.vae", cfg.data.vae))
-               if not value]
+    missing = _missing_inputs(cfg)
     if missing:
         raise ConfigError(f"set {' and '.join(missing)} before --submit (in the recipe or as overrides)")
     check_training_inputs(cfg.model, cfg.data, warn=lambda line: print(f"warning: {line}", file=sys.stderr))

@@ -43,7 +43,7 @@ from var_train.data.loader import ignore_stop_signals
 from var_train.data.manifest import Manifest, ShardInfo, file_sha256, write_json_atomic, write_manifest
 from var_train.data.records import MAX_VOCAB_SIZE, TOKEN_DTYPE, TokenRecord
 from var_train.errors import ConfigError, MismatchError, MissingInputError
-from var_train.parallel.distributed import barrier as _barrier, init_distributed, launcher_ranks
+from var_train.parallel.distributed import barrier as _barrier, default_device, init_distributed, launcher_ranks
 from var_train.precision import available_device
 
 from .image_sources import SourceItem, SourceList, list_sources
@@ -114,14 +114,17 @@ def _init_distributed() -> tuple[int, int, int]:
 
 
 def _pick_device(requested: str, local_rank: int) -> torch.device:
-    if requested != "auto":
-        try:
-            return available_device(requested)
-        except ConfigError as error:
-            raise ConfigError(f"--device {error}") from None
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+    """`auto` and a bare `cuda` both mean this rank's own GPU (its local rank among the GPUs it sees),
+    so eight ranks on a node don't all land on GPU 0; `cuda:N` and `cpu` are taken as written."""
+    if requested == "auto":
+        return default_device(local_rank)
+    try:
+        device = available_device(requested)
+    except ConfigError as error:
+        raise ConfigError(f"--device {error}") from None
+    if device.type == "cuda" and device.index is None:
+        return default_device(local_rank)
+    return device
 
 
 # -- bookkeeping files -----------------------------------------------------------------------------

@@ -521,10 +521,11 @@ def consolidated_state_dict(checkpoint: str | Path, newest_intact: bool = False)
 
 def _consolidate(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
     from var_train.models import VAR
+    from var_train.models.checkpoint_io import build_from_record
 
     metadata = read_metadata(checkpoint)
     config = metadata["model_config"]
-    return consolidate_checkpoint(checkpoint, metadata, VAR(**config)), config
+    return consolidate_checkpoint(checkpoint, metadata, build_from_record(VAR, config, checkpoint)), config
 
 
 def export_checkpoint(checkpoint_dir: str | Path, out_path: str | Path, format: str | None = None,
@@ -534,7 +535,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_path: str | Path, format: 
     EMA weights (optim.ema_decay) instead of the training weights. The VAE the checkpoint records
     (`training_vae`) goes into a safetensors file's metadata; a .pth has no place for it."""
     from var_train.models import VAR
-    from var_train.models.checkpoint_io import load_state_dict_strict, save_model, save_reference_layout
+    from var_train.models.checkpoint_io import build_from_record, load_state_dict_strict, save_model, save_reference_layout
 
     out_path = Path(out_path)
     format = format or {".safetensors": "safetensors", ".pth": "pth", ".pt": "pth"}.get(out_path.suffix)
@@ -548,7 +549,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_path: str | Path, format: 
     if ema:
         from var_train.parallel.ema import consolidate_ema
         state = consolidate_ema(resolve_checkpoint(checkpoint_dir), state)
-    model = VAR(**config)
+    model = build_from_record(VAR, config, checkpoint_dir)
     load_state_dict_strict(model, state, str(checkpoint_dir))
     if format == "pth":
         return save_reference_layout(model, out_path)

@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how to read INPUT (default: detected)")
     parser.add_argument("--num-classes", type=int, default=None,
                         help="class count when the labels do not reveal it (default: from the input)")
-    parser.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, ... (default: cuda if available)")
+    parser.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, ... (default: auto, each rank its own GPU if there are any; a bare cuda does the same)")
     parser.add_argument("--max-shards", type=int, default=None,
                         help="write at most this many shards per rank, then stop (resume later; for time-limited jobs)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -174,3 +174,62 @@ def test_train_tokenizer_init_from_a_truncated_vae(files, tmp_path, capsys):
                                       "--init-from", files["truncated_vae"], "--max-steps", "1", "--no-progress",
                                       "--wandb-mode", "disabled", "--num-workers", "0"])
     assert f"{files['truncated_vae']} {UNREADABLE}" in line
+
+
+# -- a readable header whose recorded options are damaged or foreign --------------------------------
+# The files are written here with safetensors itself, as a hand edit or another tool would leave them.
+CONFIG_KEY = "var_train_config"  # the metadata entry our exports record a model's options under
+
+
+def _with_metadata(source, out, **metadata):
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(str(source)), str(out), metadata=metadata)
+    return out
+
+
+@pytest.mark.parametrize("recorded, error, words", [
+    ('{"depth": 2, "vocab_size": 64', CorruptFileError, "metadata is not valid JSON"),
+    ('[2, 64]', CorruptFileError, "metadata is list, not a JSON object"),
+    ('{"depth": 2, "flux_capacitor": 1}', MismatchError, "options this version does not take: flux_capacitor"),
+    ('{"depth": "two"}', MismatchError, "recorded VAR options do not build one"),
+])
+def test_damaged_recorded_options_of_a_var(files, tmp_path, recorded, error, words):
+    from var_train.models.checkpoint_io import load_var
+
+    path = _with_metadata(files["var"], tmp_path / "edited.safetensors", **{CONFIG_KEY: recorded})
+    with pytest.raises(error) as caught:
+        load_var(path)
+    assert str(path) in str(caught.value) and words in str(caught.value)
+
+
+def test_damaged_recorded_options_of_a_vae_and_its_quantizer(files, tmp_path):
+    from var_train.models.checkpoint_io import load_quantizer
+
+    path = _with_metadata(files["vae"], tmp_path / "vae.safetensors", **{CONFIG_KEY: '{"vocab_size": 64, "chh": 32}'})
+    for load in (load_vae, load_quantizer):
+        with pytest.raises(MismatchError, match="VQVAE options this version does not take: chh"):
+            load(path)
+    missing = _with_metadata(files["vae"], tmp_path / "no_vocab.safetensors", **{CONFIG_KEY: '{"ch": 32}'})
+    with pytest.raises(MismatchError, match="records no vocab_size, z_channels, share_quant_resi, patch_nums"):
+        load_quantizer(missing)
+
+
+def test_damaged_training_vae_record_and_classifier_options(files, tmp_path):
+    from var_train.evaluation.classifier import ClassifierFeatureExtractor
+
+    path = _with_metadata(files["var"], tmp_path / "var.safetensors", var_train_training_vae="fingerprint")
+    with pytest.raises(CorruptFileError, match="'var_train_training_vae' metadata is not valid JSON"):
+        read_training_vae(path)
+    classifier = seeded_classifier(0).save(tmp_path / "classifier.safetensors")
+    edited = _with_metadata(classifier, tmp_path / "edited_classifier.safetensors", classifier_config='{"width": 32}')
+    with pytest.raises(MismatchError, match="recorded ClassifierConfig options do not build one"):
+        ClassifierFeatureExtractor.load(edited)
+
+
+def test_sample_with_damaged_recorded_options_is_one_line(files, tmp_path, capsys):
+    from var_train.cli import main
+
+    path = _with_metadata(files["var"], tmp_path / "var.safetensors", **{CONFIG_KEY: "{depth: 2}"})
+    line = _in_process(capsys, main, ["sample", "--var", path, "--vae", files["vae"], "--out", tmp_path / "s"])
+    assert f"{path}: its 'var_train_config' metadata is not valid JSON" in line

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from var_train.data.images import IMAGE_EXTENSIONS, class_folders, list_image_files, read_image_rgb
 from var_train.errors import MismatchError, MissingInputError
 from var_train.fileio import atomic_write
-from var_train.models.checkpoint_io import read_weights
+from var_train.models.checkpoint_io import build_from_record, metadata_json, read_weights
 
 from .features import ExtractedFeatures, ExtractorKind, FeatureExtractor, register_extractor, to_uint8_images
 from .metrics import ClassAccuracy
@@ -99,7 +99,8 @@ class ClassifierFeatureExtractor(FeatureExtractor):
         if CONFIG_METADATA_KEY not in metadata:
             raise MismatchError(f"{path} is not a classifier checkpoint written by train_classifier "
                                 f"(no {CONFIG_METADATA_KEY!r} in its metadata)")
-        extractor = cls(ClassifierConfig(**json.loads(metadata[CONFIG_METADATA_KEY])), _file_digest(path))
+        config = build_from_record(ClassifierConfig, metadata_json(path, metadata, CONFIG_METADATA_KEY), path)
+        extractor = cls(config, _file_digest(path))
         extractor.network.load_state_dict(state, strict=True)
         extractor.network.requires_grad_(False)
         return extractor.eval()

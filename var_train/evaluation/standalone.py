@@ -59,7 +59,7 @@ class EvalSettings:
 def load_var_any(path: str | Path):
     """A VAR from a reference .pth, our .safetensors, or a training checkpoint directory (a run
     directory, its `checkpoints/` or one `step-*` directory: consolidated on this process)."""
-    from var_train.models.checkpoint_io import load_state_dict_strict, load_var
+    from var_train.models.checkpoint_io import build_from_record, load_state_dict_strict, load_var
 
     path = Path(path)
     if path.is_dir():
@@ -67,7 +67,7 @@ def load_var_any(path: str | Path):
         from var_train.models import VAR
 
         state, config = consolidated_state_dict(path)
-        model = VAR(**config)
+        model = build_from_record(VAR, config, path)
         load_state_dict_strict(model, state, str(path))
         return model
     return load_var(path)

@@ -11,6 +11,7 @@ listing every difference; nothing is ever partially loaded.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
@@ -104,13 +105,51 @@ def _unreadable(path: Path, error: Exception) -> UnsafeFileError | CorruptFileEr
                             f"export it again or check the download")
 
 
+def metadata_json(path: str | Path, metadata: dict[str, str], key: str) -> dict | None:
+    """The JSON object a .safetensors file records under `key` (None when it records none). The
+    header parsed, but its text is still the file's word: a damaged or hand-edited entry is one
+    CorruptFileError naming the file and the entry, not a JSONDecodeError."""
+    if key not in metadata:
+        return None
+    try:
+        value = json.loads(metadata[key])
+    except json.JSONDecodeError as error:
+        raise CorruptFileError(f"{path}: its {key!r} metadata is not valid JSON ({error}); "
+                               f"export it again or check the download") from None
+    if not isinstance(value, dict):
+        raise CorruptFileError(f"{path}: its {key!r} metadata is {type(value).__name__}, not a JSON object; "
+                               f"export it again or check the download")
+    return value
+
+
+def check_recorded_options(model_class: type, config: dict, path: str | Path, required: tuple[str, ...] = ()) -> None:
+    """A config read from a file names only options `model_class` takes, and all of `required`."""
+    unknown = sorted(set(config) - set(inspect.signature(model_class).parameters))
+    if unknown:
+        raise MismatchError(f"{path} records {model_class.__name__} options this version does not take: "
+                            f"{', '.join(unknown)} (written by a newer var_train, or edited?)")
+    missing = [name for name in required if name not in config]
+    if missing:
+        raise MismatchError(f"{path} records no {', '.join(missing)} for its {model_class.__name__}; export it again")
+
+
+def build_from_record(model_class: type, config: dict, path: str | Path):
+    """`model_class(**config)` for a config read from a file: options this version does not take, or
+    values the constructor refuses, are a MismatchError naming the file, not a TypeError."""
+    check_recorded_options(model_class, config, path)
+    try:
+        return model_class(**config)
+    except (TypeError, ValueError) as error:
+        raise MismatchError(f"{path}: its recorded {model_class.__name__} options do not build one "
+                            f"({error}); export it again") from None
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """-> (state dict on CPU, our stored config or None for a reference .pth)."""
     path = _existing(path)
     state, metadata = read_weights(path)
     if path.suffix == ".safetensors":
-        config = json.loads(metadata[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in metadata else None
-        return state, config
+        return state, metadata_json(path, metadata, CONFIG_METADATA_KEY)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MismatchError(f"{path} is not a plain state dict of tensors (the reference .pth layout)")
     return state, None
@@ -135,8 +174,7 @@ def read_training_vae(path: str | Path) -> dict | None:
     path = _existing(path)
     if path.suffix != ".safetensors":
         return None
-    recorded = read_weights(path, metadata_only=True)[1].get(TRAINING_VAE_METADATA_KEY)
-    return json.loads(recorded) if recorded else None
+    return metadata_json(path, read_weights(path, metadata_only=True)[1], TRAINING_VAE_METADATA_KEY)
 
 
 def save_reference_layout(module: nn.Module, path: str | Path) -> Path:
@@ -216,7 +254,7 @@ def load_var(path: str | Path, **overrides) -> VAR:
     state, config = read_checkpoint(path)
     _require_kind(state, path, "VAR")
     config = {**(config or var_config_from_state_dict(state)), **overrides}
-    model = VAR(**config)
+    model = build_from_record(VAR, config, path)
     load_state_dict_strict(model, state, str(path))
     return model
 
@@ -242,7 +280,7 @@ def load_vae(path: str | Path, patch_nums=None) -> VQVAE:
     _require_kind(state, path, "VQVAE")
     config = config or vae_config_from_state_dict(state, patch_nums)
     state, config = _on_schedule(state, config, patch_nums, "quantize.")
-    model = VQVAE(**config)
+    model = build_from_record(VQVAE, config, path)
     load_state_dict_strict(model, state, str(path))
     return model
 
@@ -254,6 +292,7 @@ def load_quantizer(path: str | Path, patch_nums=None) -> MultiScaleQuantizer:
     prefix = "quantize."
     quantizer_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} or state
     config = config or vae_config_from_state_dict(state, patch_nums)
+    check_recorded_options(VQVAE, config, path, required=("vocab_size", "z_channels", "share_quant_resi", "patch_nums"))
     quantizer_state, config = _on_schedule(quantizer_state, config, patch_nums, "")
     quantizer = MultiScaleQuantizer(vocab_size=config["vocab_size"], z_channels=config["z_channels"],
                                     share_quant_resi=config["share_quant_resi"], patch_nums=config["patch_nums"],

@@ -107,3 +107,18 @@ def test_eval_reports_a_missing_reference_before_sampling(setup, tmp_path, capsy
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and f"reference not found: {tmp_path / 'nope.npz'}" in errors[0], errors
     assert not (tmp_path / "out" / "samples").exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "fid-stats"])
+def test_a_mistyped_input_is_named_before_the_missing_inception_file(setup, tmp_path, capsys, monkeypatch, command):
+    """No Inception weights on this machine (an empty TORCH_HOME) and a mistyped input: the input is
+    what the user hears about first, not the 95 MB download."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    missing = tmp_path / "nope"
+    if command == "eval":
+        args = ["eval", "--var", setup["var"], "--vae", setup["vae"], "--reference", missing, "--out", tmp_path / "o"]
+    else:
+        args = ["fid-stats", "--images", missing, "--out", tmp_path / "stats.npz", "--device", "cpu"]
+    assert var_train([str(a) for a in args + ["--quiet"]]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and f"not found: {missing}" in errors[0] and "Inception" not in errors[0], errors

@@ -209,6 +209,16 @@ def _scalar(value: np.ndarray):
     return item.decode() if isinstance(item, bytes) else item
 
 
+def require_reference(path: str | Path) -> Path:
+    """`path` as a reference that exists; checked before the feature extractor is built, so a
+    mistyped path is the first thing said, not news after the Inception weights are found."""
+    path = Path(path)
+    if not path.is_dir() and not path.is_file():
+        raise MissingInputError(f"reference not found: {path} (expected a stats .npz from `var-train fid-stats`, "
+                                f"an ADM reference batch .npz, or an image folder)")
+    return path
+
+
 def load_reference(path: str | Path, extractor: FeatureExtractor, *, need_features: bool = False,
                    resolution: int | None = None, batch_size: int = 100, max_features: int | None = None,
                    progress: bool = True) -> ReferenceStatistics:
@@ -216,14 +226,11 @@ def load_reference(path: str | Path, extractor: FeatureExtractor, *, need_featur
     stats `.npz`, an ADM reference `.npz` (`mu`/`sigma` and/or `arr_0`), or an image folder.
     Features are computed with `extractor` where needed; collective when a process group exists
     (call it on every rank). `max_features` caps the images scored for precision/recall."""
-    path = Path(path)
+    path = require_reference(path)
     if path.is_dir():
         files = list_image_files(path)
         return statistics_of_images(files, extractor, resolution=resolution or folder_resolution(files),
                                     batch_size=batch_size, progress=progress, source=str(path))
-    if not path.is_file():
-        raise MissingInputError(f"reference not found: {path} (expected a stats .npz from `var-train fid-stats`, "
-                                f"an ADM reference batch .npz, or an image folder)")
     with np.load(path, allow_pickle=False) as data:
         keys = set(data.files)
         if "format" in keys and _scalar(data["format"]) == STATS_FORMAT:
@@ -275,7 +282,10 @@ def compute_fid_stats(*, out: str | Path, images: str | Path | None = None, shar
 
     if (images is None) == (shards is None):
         raise ValueError("give exactly one of images (folder or ADM .npz) and shards")
-    extractor = build_feature_extractor(feature_extractor, inception_weights=inception_weights, device=device)
+    # The inputs first, the feature extractor (the Inception file, say) last: a mistyped path is the
+    # first thing said.
+    if images is not None and not Path(images).exists():
+        raise MissingInputError(f"images not found: {images} (an image folder or an ADM .npz with arr_0)")
     if shards is not None:
         if vae is None:
             raise ValueError("token shards need the VQVAE that decodes them (vae=...)")
@@ -283,6 +293,8 @@ def compute_fid_stats(*, out: str | Path, images: str | Path | None = None, shar
         from var_train.models.checkpoint_io import load_vae
 
         decoder = load_vae(vae, patch_nums=list(read_manifest(shards).patch_nums)).to(device).eval()
+    extractor = build_feature_extractor(feature_extractor, inception_weights=inception_weights, device=device)
+    if shards is not None:
         stats = statistics_of_token_shards(shards, decoder, extractor, batch_size=batch_size, limit=limit,
                                            keep_features=keep_features, progress=progress)
     elif Path(images).is_dir():

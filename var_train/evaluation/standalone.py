@@ -31,7 +31,7 @@ from var_train.parallel.distributed import (all_reduce_max, all_reduce_sum, barr
 
 from .features import build_feature_extractor
 from .metrics import GenerativeMetrics
-from .reference_stats import load_reference
+from .reference_stats import load_reference, require_reference
 from .sampling import RankPlan, class_balanced_labels
 
 RESULTS_FILE = "results.json"
@@ -168,6 +168,8 @@ def evaluate_checkpoint(var_path: str | Path, vae_path: str | Path, out_dir: str
     # (the VAE first: it costs a second, reference features can cost minutes).
     var = load_var_any(var_path).to(device).eval()
     check_sampling_inputs(var.config, vae_path, allow_vae_mismatch, trained_with=training_vae_of(var_path))
+    if reference is not None:
+        require_reference(reference)
     extractor = build_feature_extractor(settings.feature_extractor, inception_weights=settings.inception_weights,
                                         device=device)
     reference_stats = None

@@ -31,8 +31,10 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import re
 
 from var_train.command_line import finite_float
+from var_train.errors import ConfigError
 from var_train.parallel.distributed import launcher_ranks
 from var_train.tokenizer import TokenizerTrainingConfig, train_tokenizer
 
@@ -148,7 +150,16 @@ def config_from_args(args: argparse.Namespace) -> TokenizerTrainingConfig:
         value = getattr(args, name, None)
         if value is not None:
             fields[name] = value
-    return TokenizerTrainingConfig(**fields)
+    try:
+        return TokenizerTrainingConfig(**fields)
+    except ConfigError as error:  # the config speaks of its fields; the user typed flags
+        raise ConfigError(_in_flag_names(str(error), args)) from None
+
+
+def _in_flag_names(message: str, args: argparse.Namespace) -> str:
+    """`batch_size must be >= 1` -> `--batch-size must be >= 1`, for every field that is a flag here."""
+    flags = {name for name in TokenizerTrainingConfig.__dataclass_fields__ if name in vars(args)}
+    return re.sub(r"(?<![-\w])(\w+)\b", lambda m: "--" + m[1].replace("_", "-") if m[1] in flags else m[1], message)
 
 
 def run(args: argparse.Namespace) -> int:

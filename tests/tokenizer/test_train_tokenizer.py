@@ -297,6 +297,20 @@ def test_cli_user_errors_are_one_line_exit_2(digits, tmp_path, capsys):
         "error: argument --lr: must be a finite number, got nan (see var-prep train-tokenizer --help)"], err
 
 
+@pytest.mark.parametrize("flags, expected", [
+    (["--batch-size", "0"], "error: --batch-size must be >= 1, got 0"),
+    (["--warmup-steps", "50", "--max-steps", "10"], "error: --warmup-steps (50) must be below --max-steps (10)"),
+    (["--lr", "-1"], "error: --lr, --weight-decay and --clip-grad-norm must be >= 0"),
+    (["--hold-fraction", "1.5"], "error: --hold-fraction must be in [0, 1), got 1.5"),
+])
+def test_cli_range_errors_name_the_flags_typed(digits, tmp_path, capsys, flags, expected):
+    code = var_prep(["train-tokenizer", "--data-dir", str(digits), "--output-dir", str(tmp_path / "o"),
+                     "--wandb-mode", "disabled", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [expected], err
+    assert not (tmp_path / "o").exists()
+
+
 def _fake_lpips_files(tmp_path: Path) -> tuple[Path, Path]:
     """Random weights in the two files' real layouts (the real ones are downloads)."""
     from torchvision.models.vgg import cfgs, make_layers

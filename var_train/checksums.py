@@ -12,6 +12,10 @@ format to share is the exported .safetensors.
 
 Files are hashed after they are written (they are still in the page cache), split over the ranks
 (`hash_files` of a share of the names), streamed in 4 MiB blocks.
+
+An exported weights file has no folder to carry a checksums.json, so it carries its own:
+`tensors_digest`, a digest of the tensors themselves, recorded in the file's metadata and checked
+on every read (a flipped bit inside the tensor data is invisible to the safetensors format).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 import xxhash
 
 from var_train.fileio import write_json_atomic
@@ -33,6 +38,17 @@ def file_digest(path: str | Path) -> str:
     with open(path, "rb") as handle:
         while block := handle.read(_BLOCK):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def tensors_digest(state: dict[str, torch.Tensor]) -> str:
+    """XXH3-128 of a state dict's content (names, dtypes, shapes and bytes, in name order): the same
+    for the same tensors however the file that holds them lays them out."""
+    digest = xxhash.xxh3_128()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 

@@ -233,3 +233,52 @@ def test_sample_with_damaged_recorded_options_is_one_line(files, tmp_path, capsy
     path = _with_metadata(files["var"], tmp_path / "var.safetensors", **{CONFIG_KEY: "{depth: 2}"})
     line = _in_process(capsys, main, ["sample", "--var", path, "--vae", files["vae"], "--out", tmp_path / "s"])
     assert f"{path}: its 'var_train_config' metadata is not valid JSON" in line
+
+
+# -- bits flipped inside the tensor data: the header still parses, only the digest can tell ----------
+def _flip_last_byte(path, out):
+    """The last byte of a .safetensors file is tensor data (the header comes first)."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x10
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_a_bit_flipped_in_the_tensor_data_is_refused(files, tmp_path):
+    from safetensors.torch import load_file
+
+    flipped = _flip_last_byte(files["var"], tmp_path / "flipped.safetensors")
+    assert load_file(str(flipped)).keys() == load_file(str(files["var"])).keys()  # the format itself sees nothing
+    with pytest.raises(CorruptFileError, match="tensors differ from the digest recorded when it was written"):
+        read_checkpoint(flipped)
+    read_checkpoint(files["var"])  # the untouched file reads
+
+
+def test_a_file_without_a_digest_still_loads(files, tmp_path):
+    """Files from other tools, or exported before digests, record none: they load as before."""
+    import json
+
+    from var_train.models.checkpoint_io import load_var
+
+    recorded = json.dumps(read_checkpoint(files["var"])[1])
+    load_var(_with_metadata(files["var"], tmp_path / "plain.safetensors", **{CONFIG_KEY: recorded}))
+
+
+def test_verify_an_exported_file(files, tmp_path, capsys):
+    from var_train.cli import main
+
+    assert main(["verify", str(files["var"])]) == 0
+    assert "intact (" in capsys.readouterr().out
+    assert main(["verify", str(files["vae_pth"])]) == 0
+    assert "records no digest" in capsys.readouterr().out
+    flipped = _flip_last_byte(files["vae"], tmp_path / "flipped_vae.safetensors")
+    line = _in_process(capsys, main, ["verify", flipped])
+    assert f"{flipped}: its tensors differ from the digest" in line
+
+
+def test_sample_from_a_bit_flipped_var_is_one_line(files, tmp_path):
+    flipped = _flip_last_byte(files["var"], tmp_path / "flipped.safetensors")
+    proc = run_command("var-train", "sample", "--var", flipped, "--vae", files["vae"], "--out", tmp_path / "s",
+                       timeout=120)
+    assert_one_line_error(proc, f"error: {flipped}: its tensors differ from the digest", AGAIN)
+    assert not (tmp_path / "s").exists()

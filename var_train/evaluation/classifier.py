@@ -26,12 +26,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
 
 from var_train.data.images import IMAGE_EXTENSIONS, class_folders, list_image_files, read_image_rgb
 from var_train.errors import MismatchError, MissingInputError
-from var_train.fileio import atomic_write
-from var_train.models.checkpoint_io import build_from_record, metadata_json, read_weights
+from var_train.models.checkpoint_io import build_from_record, metadata_json, read_weights, write_weights
 
 from .features import ExtractedFeatures, ExtractorKind, FeatureExtractor, register_extractor, to_uint8_images
 from .metrics import ClassAccuracy
@@ -106,12 +104,7 @@ class ClassifierFeatureExtractor(FeatureExtractor):
         return extractor.eval()
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()}
-        with atomic_write(path) as tmp:
-            save_file(state, str(tmp), metadata={CONFIG_METADATA_KEY: json.dumps(asdict(self.config))})
-        return path
+        return write_weights(self.network.state_dict(), path, {CONFIG_METADATA_KEY: json.dumps(asdict(self.config))})
 
 
 def _file_digest(path: Path) -> str:

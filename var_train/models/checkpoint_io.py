@@ -23,6 +23,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from var_train.checksums import tensors_digest
 from var_train.errors import CorruptFileError, MismatchError, MissingInputError, UnsafeFileError
 from var_train.fileio import atomic_write
 
@@ -33,6 +34,7 @@ from .vqvae import VQVAE
 CONFIG_METADATA_KEY = "var_train_config"
 KIND_METADATA_KEY = "var_train_model"
 TRAINING_VAE_METADATA_KEY = "var_train_training_vae"  # JSON: the VAE a VAR was trained with (codebook fingerprint)
+DIGEST_METADATA_KEY = "var_train_tensors_xxh3_128"  # checksums.tensors_digest of the file's tensors
 
 
 class StateDictMismatchError(MismatchError, RuntimeError):  # a user error: the wrong file for this model
@@ -80,13 +82,30 @@ def read_weights(path: str | Path, metadata_only: bool = False) -> tuple[Any, di
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
-                return (None if metadata_only else {k: f.get_tensor(k) for k in f.keys()}), metadata
-        return torch.load(path, map_location="cpu", weights_only=True), {}
+                state = None if metadata_only else {k: f.get_tensor(k) for k in f.keys()}
+        else:
+            return torch.load(path, map_location="cpu", weights_only=True), {}
     # Only the readers run here, and on bytes that are not theirs they raise many types: safetensors
     # its SafetensorError; torch.load a RuntimeError or OSError for a cut zip, and KeyError,
     # IndexError, EOFError, UnpicklingError, ... where its unpickler meets no pickle (a PNG, a text).
     except Exception as error:
         raise _unreadable(path, error) from error
+    recorded = metadata.get(DIGEST_METADATA_KEY)
+    if state is not None and recorded is not None and tensors_digest(state) != recorded:
+        raise CorruptFileError(f"{path}: its tensors differ from the digest recorded when it was written (damaged in "
+                               f"a copy, a download or on disk); export it again or check the download")
+    return state, metadata
+
+
+def write_weights(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """Write `state` as .safetensors, atomically, with `metadata` and the digest of its tensors
+    (which `read_weights` checks: the file proves its own integrity wherever it is copied)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    with atomic_write(path) as tmp:
+        save_file(state, str(tmp), metadata={**metadata, DIGEST_METADATA_KEY: tensors_digest(state)})
+    return path
 
 
 def _unreadable(path: Path, error: Exception) -> UnsafeFileError | CorruptFileError:
@@ -158,15 +177,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | N
 def save_model(module: nn.Module, path: str | Path, training_vae: dict | None = None) -> Path:
     """Write `module`'s weights as safetensors with its constructor arguments in the metadata, and
     (a VAR) `training_vae`: which VAE it was trained with, for sampling's check of the VAE given."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     metadata = {KIND_METADATA_KEY: type(module).__name__, CONFIG_METADATA_KEY: json.dumps(module.config)}
     if training_vae:
         metadata[TRAINING_VAE_METADATA_KEY] = json.dumps(training_vae)
-    with atomic_write(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
-    return path
+    return write_weights(module.state_dict(), path, metadata)
 
 
 def read_training_vae(path: str | Path) -> dict | None:

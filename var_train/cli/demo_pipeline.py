@@ -93,9 +93,7 @@ def _train_var(cfg: DemoConfig, shards: Path, vae: Path, run_dir: Path) -> None:
                                                        os.environ.get("PYTHONPATH")]))}
     print("  " + " ".join(command), flush=True)
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
-    # newline="": a progress bar's "\r" ends a piece but is passed on as it is, not as a new line.
-    stderr = io.TextIOWrapper(process.stderr, encoding="utf-8", errors="replace", newline="")
-    relay = threading.Thread(target=relay_without_torchrun_signal_report, args=(stderr, sys.stderr), daemon=True)
+    relay = _StderrRelay(process)
     relay.start()
     try:
         returncode = process.wait()
@@ -104,9 +102,31 @@ def _train_var(cfg: DemoConfig, shards: Path, vae: Path, run_dir: Path) -> None:
         relay.join(timeout=5)
         raise
     relay.join(timeout=5)
+    if returncode != 0 and relay.torchrun_signal == signal.SIGINT:
+        # Ctrl-C reached torchrun (which then exits 1) but not this process, as when only it was
+        # signalled or this process ignores SIGINT (a background job of a script): the ranks have
+        # saved, so it is the same interruption as ours, with the same line and exit code 130.
+        raise KeyboardInterrupt
+    if returncode != 0 and relay.torchrun_signal is not None:
+        raise StageFailedError(f"VAR training was stopped by signal {relay.torchrun_signal} (its ranks save a "
+                               f"checkpoint first); its run directory is {run_dir}: run the demo again to resume it")
     if returncode != 0:
         raise StageFailedError(f"VAR training exited with {returncode} (its output is above); its run directory "
                                f"is {run_dir}: run the demo again to resume it")
+
+
+class _StderrRelay(threading.Thread):
+    """`relay_without_torchrun_signal_report` of a torchrun process's stderr, on a thread; afterwards
+    `torchrun_signal` is the signal torchrun reported receiving (None: it received none)."""
+
+    def __init__(self, process: subprocess.Popen):
+        super().__init__(daemon=True)
+        # newline="": a progress bar's "\r" ends a piece but is passed on as it is, not as a new line.
+        self.source = io.TextIOWrapper(process.stderr, encoding="utf-8", errors="replace", newline="")
+        self.torchrun_signal: int | None = None
+
+    def run(self) -> None:
+        self.torchrun_signal = relay_without_torchrun_signal_report(self.source, sys.stderr)
 
 
 def _wait_for_training_to_stop(process: subprocess.Popen, relay_seconds: float = 10.0,
@@ -137,14 +157,16 @@ def _wait_for_training_to_stop(process: subprocess.Popen, relay_seconds: float =
 
 
 TORCHRUN_SIGNAL_REPORT = re.compile(r"torch\.distributed\.elastic\.multiprocessing\.api\.SignalException: "
-                                    r"Process \d+ got signal: \d+")
+                                    r"Process \d+ got signal: (\d+)")
 
 
-def relay_without_torchrun_signal_report(source: TextIO, sink: TextIO) -> None:
+def relay_without_torchrun_signal_report(source: TextIO, sink: TextIO) -> int | None:
     """Copy torchrun's stderr (its ranks' included) line by line, leaving out one thing: the
     traceback torchrun prints for the signal it received (Ctrl-C). The ranks answer that signal
     themselves (checkpoint, one line, exit 130), so the traceback reads like a crash that did not
-    happen. Every other traceback, the ranks' and torchrun's, is passed on whole."""
+    happen. Every other traceback, the ranks' and torchrun's, is passed on whole.
+    -> the signal number of the report left out (None: there was none)."""
+    received: int | None = None
     held: list[str] | None = None
     for line in source:
         if held is None and line.startswith("Traceback (most recent call last):"):
@@ -156,12 +178,16 @@ def relay_without_torchrun_signal_report(source: TextIO, sink: TextIO) -> None:
             continue
         held.append(line)
         if not line.startswith((" ", "\t")):  # the exception line ends the traceback
-            if not TORCHRUN_SIGNAL_REPORT.search(line):
+            report = TORCHRUN_SIGNAL_REPORT.search(line)
+            if report:
+                received = int(report[1])
+            else:
                 sink.writelines(held)
             held = None
     if held:
         sink.writelines(held)
     sink.flush()
+    return received
 
 
 def _free_port() -> int:

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,16 @@ def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float 
         pytest.fail(f"torchrun exited {proc.returncode}: {' '.join(cmd)}\n"
                     f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
     return proc
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_in_the_session_folder(tmp_path_factory):
+    """The tests' subprocesses make their temporary files under this session's pytest folder (which
+    pytest prunes, keeping the last 3 sessions), not in /tmp, which nothing prunes: torchrun alone
+    leaves a torchelastic_* folder there on every run, and a full disk has broken CI before."""
+    folder = tmp_path_factory.mktemp("tmpdir")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TMPDIR", str(folder))
+    patch.setattr(tempfile, "tempdir", None)  # this process's tempfile reads TMPDIR again
+    yield folder
+    patch.undo()

@@ -10,6 +10,7 @@ Run by tests/distributed/test_accelerate.py.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -75,6 +76,9 @@ def check_resume(info, config: str, native: str, accumulation: int = 2) -> None:
                   max_difference(resumed.full_state_dict(), full_state))
         assert gap < TOLERANCE, f"{name} resumed from accelerate's step 2: {losses} vs {full_losses[2:]} (gap {gap})"
         log(info.rank, f"OK {name} resumes accelerate ({config}) step 2 exactly: gap {gap:.2g}")
+    torch.distributed.barrier()  # both ranks are done reading the checkpoint (a failed check keeps it)
+    if info.rank == 0:
+        shutil.rmtree(root[0])
 
 
 def main(which: str) -> None:

@@ -11,7 +11,9 @@ import dataclasses
 import torch
 import yaml
 
+from var_train import schedules
 from var_train.config import TrainConfig
+from var_train.errors import ConfigError
 from var_train.data.sources import read_shard_manifest
 from var_train.models import VAR, size_rule
 from var_train.parallel import engine_class, estimate_memory_per_gpu
@@ -35,12 +37,12 @@ def memory_per_gpu(cfg: TrainConfig, model: VAR, world_size: int) -> dict[str, f
     return estimate_memory_per_gpu(model, parallel, world_size, cfg.optim.micro_batch_size)
 
 
-def steps_per_epoch(num_images: int, cfg: TrainConfig, world_size: int) -> int:
-    """Optimizer steps in one epoch, as the trainer counts them: whole micro-batches per rank, then
-    whole accumulations of them."""
+def steps_per_epoch(num_images: int, cfg: TrainConfig, world_size: int) -> float:
+    """Optimizer steps in one epoch, as the trainer counts them (`schedules.steps_per_epoch`): whole
+    micro-batches per rank over the micro-batches one step accumulates."""
     per_rank_batches = num_images // (world_size * cfg.optim.micro_batch_size)
     accumulation = cfg.optim.global_batch_size // (cfg.optim.micro_batch_size * world_size)
-    return per_rank_batches // max(1, accumulation)
+    return schedules.steps_per_epoch(per_rank_batches, max(1, accumulation))
 
 
 def rule_differences(cfg: TrainConfig, model: VAR) -> list[str]:
@@ -123,12 +125,15 @@ def describe(cfg: TrainConfig, world_size: int) -> str:
         manifest = read_shard_manifest(cfg.data.train_shards)  # a folder or a URL
         steps = steps_per_epoch(manifest.num_records, cfg, world_size) if accumulation.is_integer() else \
             manifest.num_records // cfg.optim.global_batch_size
-        lines.append(f"steps per epoch:       {steps:,} ({manifest.num_records:,} records); "
+        steps_text = f"{steps:,.0f}" if float(steps).is_integer() else f"{steps:,.2f}"
+        lines.append(f"steps per epoch:       {steps_text} ({manifest.num_records:,} records); "
                      f"{round(steps * cfg.optim.epochs):,} steps for {cfg.optim.epochs:g} epochs"
                      + (f"; the run stops at optim.max_steps={cfg.optim.max_steps:,} (the schedule still spans the "
                         f"epochs)" if cfg.optim.max_steps and cfg.optim.max_steps < steps * cfg.optim.epochs else ""))
     except LookupError:
         pass
+    except ConfigError:  # data too small for one step: training would refuse it, so the dry run does
+        raise
     except (FileNotFoundError, ValueError, OSError) as error:
         lines.append(f"steps per epoch:       unknown ({error})")
     memory = memory_per_gpu(cfg, model, world_size)

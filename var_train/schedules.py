@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from var_train.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -42,7 +44,19 @@ class Schedule:
         return end + (start - end) * (0.5 + 0.5 * math.cos(math.pi * passed))
 
 
-def build_schedule(optim_cfg, steps_per_epoch: int) -> Schedule:
+def steps_per_epoch(micro_batches_per_rank: int, accumulation: int) -> float:
+    """Optimizer steps in one pass over the data: the micro-batches each rank reads in an epoch over
+    the micro-batches one step accumulates. Not rounded down: steps run on across epoch boundaries
+    (7 micro-batches at 2 per step make 3.5 steps an epoch), so `optim.epochs` counts passes over
+    the data whatever the accumulation."""
+    if micro_batches_per_rank < accumulation:
+        raise ConfigError(f"one epoch has {micro_batches_per_rank} micro-batches per rank, fewer than the "
+                          f"{accumulation} accumulated into one optimizer step: lower optim.global_batch_size "
+                          f"(or use more data)")
+    return micro_batches_per_rank / accumulation
+
+
+def build_schedule(optim_cfg, steps_per_epoch: float) -> Schedule:
     """From the `optim` recipe section and the optimizer steps in one epoch."""
     total = max(1, round(optim_cfg.epochs * steps_per_epoch))
     warmup_epochs = optim_cfg.epochs / 50 if optim_cfg.warmup_epochs is None else optim_cfg.warmup_epochs

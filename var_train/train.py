@@ -34,7 +34,7 @@ from var_train.precision import resolve_precision
 from var_train.preemption import (EXIT_CODE_INTERRUPTED, EXIT_CODE_NONFINITE, EXIT_CODE_PREEMPTED,
                                   PreemptionHandler, stop_message)
 from var_train.scaling.summary import TrainingCompute, read_summary, validation_record, write_summary
-from var_train.schedules import build_schedule
+from var_train.schedules import build_schedule, steps_per_epoch
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -97,13 +97,17 @@ class Trainer:
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
         self.run_dir = Path(cfg.run.output_dir)
         self.is_main = self.rank == 0
-        grad_accumulation_steps(cfg.optim, self.world_size)  # a batch that cannot split: before any write
+        accumulation = grad_accumulation_steps(cfg.optim, self.world_size)  # a batch that cannot split: before any write
         # Nothing is written before the VAE, shards and model are known to belong together
         # (every rank checks the same files, so all raise the same one-line error).
         self._start_messages: list[str] = []
         self.training_vae = check_training_inputs(
             cfg.model, cfg.data, warn=self._start_messages.append,
             eval_vae=cfg.eval.vae if (cfg.eval.every_steps > 0 or cfg.eval.at_end) else None)
+        # ... and data too small for one optimizer step.
+        self.loader = self._loader(cfg.data.train_shards, seed=cfg.run.seed, use_flip=cfg.data.use_flip,
+                                   resampled=cfg.data.resampled)
+        self.steps_per_epoch = steps_per_epoch(self.loader.batches_per_epoch, accumulation)
 
         # The evaluator checks its files (Inception weights, reference statistics) here, before the
         # run directory is written: a missing file is one line and leaves nothing behind.
@@ -131,19 +135,12 @@ class Trainer:
         self.quantizer = load_quantizer(cfg.data.vae, patch_nums=cfg.model.patch_nums).to(self.device).eval()
         self.quantizer.requires_grad_(False)
 
-        self.loader = self._loader(cfg.data.train_shards, seed=cfg.run.seed, use_flip=cfg.data.use_flip,
-                                   resampled=cfg.data.resampled)
         # precision=auto: bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere (var_train/precision.py)
         self.precision = resolve_precision(cfg.parallel.precision, self.device)
         self.engine = build_engine(model, dataclasses.replace(cfg.parallel, precision=self.precision), cfg.optim,
                                    self.device)
         self.accumulation = self.engine.grad_accumulation_steps
-        steps_per_epoch = self.loader.batches_per_epoch // self.accumulation
-        if steps_per_epoch == 0:
-            raise ConfigError(f"one epoch has {self.loader.batches_per_epoch} micro-batches per rank, fewer than the "
-                             f"{self.accumulation} accumulated into one optimizer step: lower optim.global_batch_size")
-        self.steps_per_epoch = steps_per_epoch
-        self.schedule = build_schedule(cfg.optim, steps_per_epoch)
+        self.schedule = build_schedule(cfg.optim, self.steps_per_epoch)
         self.total_steps = min(self.schedule.total_steps, cfg.optim.max_steps or self.schedule.total_steps)
 
         # Checkpoints (and their exports) record the VAE's codebook: sampling checks the VAE it is given.
@@ -438,7 +435,7 @@ class Trainer:
         self.logger.message(
             f"training VAR d{self.cfg.model.depth} ({params / 1e6:.1f}M parameters, engine {self.cfg.parallel.engine}, "
             f"{self.precision}) on {self.world_size} x {self.device.type}: steps {self.step} -> "
-            f"{self.total_steps}, {self.steps_per_epoch} steps per epoch, {self.accumulation} micro-batch"
+            f"{self.total_steps}, {self.steps_per_epoch:g} steps per epoch, {self.accumulation} micro-batch"
             f"{'' if self.accumulation == 1 else 'es'} of "
             f"{self.cfg.optim.micro_batch_size} per rank per step; run dir {self.run_dir}")
 

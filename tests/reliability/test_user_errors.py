@@ -227,3 +227,15 @@ def test_a_misspelled_reinit_entry_is_refused_by_the_dry_run_and_at_start(data, 
     assert "model.reinit ['clas_emb'] names no tensor of the model" in line and "class_emb" in line, line
     proc = run_command("var-train", *train_args(shards, vae, tmp_path / "run", *overrides), timeout=120)
     assert_one_line_error(proc, "model.reinit ['clas_emb'] names no tensor of the model")
+
+
+def test_data_too_small_for_one_step_is_refused_by_the_dry_run_and_at_start_writing_nothing(data, tmp_path, capsys):
+    """32 records, micro-batches of 4 and a global batch of 64 on one process: 8 micro-batches an
+    epoch, 16 accumulated per step. The dry run used to print "0 steps" and exit 0."""
+    shards, vae, _ = data
+    args = train_args(shards, vae, tmp_path / "run", "model.num_classes=10", "optim.global_batch_size=64",
+                      "optim.micro_batch_size=4")
+    expected = "one epoch has 8 micro-batches per rank, fewer than the 16 accumulated into one optimizer step"
+    assert expected in _main_error(capsys, [args[0], "--dry-run", *args[1:]])
+    assert expected in _main_error(capsys, args)
+    assert not (tmp_path / "run").exists()  # not even config.yaml

@@ -5,7 +5,7 @@ import yaml
 
 from var_train.cli import main
 from var_train.config import ConfigError, load_config
-from var_train.schedules import Schedule, build_schedule
+from var_train.schedules import Schedule, build_schedule, steps_per_epoch
 
 
 def test_recipes_hold_the_papers_hyperparameters():
@@ -93,3 +93,14 @@ def test_build_schedule_from_recipe():
     cfg = load_config("recipes/d16.yaml")
     s = build_schedule(cfg.optim, steps_per_epoch=1000)
     assert s.total_steps == 200_000 and s.warmup_steps == 4_000 and s.peak_lr == pytest.approx(3e-4)
+
+
+def test_an_epoch_is_a_pass_over_the_data_whatever_the_accumulation():
+    """7 micro-batches per rank at 2 per step: 3.5 steps an epoch (steps run on across epochs), so 100
+    epochs are 350 steps (700 micro-batches = 100 passes), not 300 (85.7 passes)."""
+    assert steps_per_epoch(7, 2) == 3.5 and steps_per_epoch(8, 1) == 8
+    cfg = load_config("recipes/tiny.yaml", ["optim.epochs=100", "optim.warmup_epochs=2"])
+    schedule = build_schedule(cfg.optim, steps_per_epoch(7, 2))
+    assert schedule.total_steps == 350 and schedule.warmup_steps == 7
+    with pytest.raises(ConfigError, match="one epoch has 1 micro-batches per rank, fewer than the 2 accumulated"):
+        steps_per_epoch(1, 2)

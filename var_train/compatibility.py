@@ -166,6 +166,11 @@ def check_training_inputs(model_cfg, data_cfg, warn: Callable[[str], None] | Non
             manifest.check_compatible(model_cfg.patch_nums, model_cfg.vocab_size, model_cfg.num_classes,
                                       where=f"of {name} ({shards})")
             differences += vae_shard_differences(vae, manifest, shards)
+    warm_start_vae = training_vae_of(model_cfg.init_from) if model_cfg.init_from else None
+    if warm_start_vae and warm_start_vae.get("codebook_sha256") not in (None, vae.fingerprint):
+        differences.append(f"model.init_from {model_cfg.init_from} was trained with another VAE, "
+                           f"{_describe_recorded(warm_start_vae)}, than data.vae {data_cfg.vae} (codebook fingerprint "
+                           f"{vae.fingerprint[:12]}...): its token embeddings speak another codebook")
     if eval_vae and Path(eval_vae) != Path(data_cfg.vae):
         decoder = read_vae_facts(eval_vae, "eval.vae")
         if decoder.fingerprint != vae.fingerprint:

@@ -239,3 +239,27 @@ def test_data_too_small_for_one_step_is_refused_by_the_dry_run_and_at_start_writ
     assert expected in _main_error(capsys, [args[0], "--dry-run", *args[1:]])
     assert expected in _main_error(capsys, args)
     assert not (tmp_path / "run").exists()  # not even config.yaml
+
+
+def test_warm_starting_from_a_var_trained_with_another_vae_is_refused(data, tmp_path, capsys):
+    """The VAR records the VAE it was trained with (its codebook fingerprint); warm-starting it on
+    shards of another VAE trains embeddings of one codebook on the codes of another."""
+    from tests.models.tiny import VAR_KW
+    from var_train.compatibility import check_training_inputs
+    from var_train.config import load_config
+    from var_train.models import VAR
+    from var_train.models.checkpoint_io import save_model
+
+    shards, vae, _ = data
+    other = {"path": "other_vae.safetensors", "codebook_sha256": "ab" * 32}  # written out by hand
+    var = save_model(VAR(**VAR_KW), tmp_path / "var.safetensors", training_vae=other)
+    args = train_args(shards, vae, tmp_path / "run", "model.num_classes=10", f"model.init_from={var}")
+    line = _main_error(capsys, args)
+    assert f"model.init_from {var} was trained with another VAE, other_vae.safetensors (codebook fingerprint " \
+           f"abababababab...)" in line and "data.allow_vae_mismatch=true" in line, line
+    assert not (tmp_path / "run").exists()
+
+    warnings = []
+    cfg = load_config("recipes/tiny.yaml", args[3:] + ["data.allow_vae_mismatch=true"])
+    check_training_inputs(cfg.model, cfg.data, warn=warnings.append)  # deliberate: a warning, not a refusal
+    assert len(warnings) == 1 and "was trained with another VAE" in warnings[0], warnings

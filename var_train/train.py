@@ -33,7 +33,7 @@ from var_train.parallel.ema import ParameterEMA
 from var_train.precision import resolve_precision
 from var_train.preemption import (EXIT_CODE_INTERRUPTED, EXIT_CODE_NONFINITE, EXIT_CODE_PREEMPTED,
                                   PreemptionHandler, stop_message)
-from var_train.scaling.summary import TrainingCompute, read_summary, validation_record, write_summary
+from var_train.scaling.summary import TrainingCompute, format_count, read_summary, validation_record, write_summary
 from var_train.schedules import build_schedule, steps_per_epoch
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -433,7 +433,7 @@ class Trainer:
     def _log_start(self) -> None:
         params = sum(p.numel() for p in self.engine.unwrapped_model.parameters())
         self.logger.message(
-            f"training VAR d{self.cfg.model.depth} ({params / 1e6:.1f}M parameters, engine {self.cfg.parallel.engine}, "
+            f"training VAR d{self.cfg.model.depth} ({format_count(params)} parameters, engine {self.cfg.parallel.engine}, "
             f"{self.precision}) on {self.world_size} x {self.device.type}: steps {self.step} -> "
             f"{self.total_steps}, {self.steps_per_epoch:g} steps per epoch, {self.accumulation} micro-batch"
             f"{'' if self.accumulation == 1 else 'es'} of "

@@ -156,3 +156,86 @@ def test_fit_is_logged_to_wandb_when_a_project_is_given(tmp_path, monkeypatch):
     assert row[1] == pytest.approx(ALPHA_N, rel=0.03)
     images = {p.name.split("_0_")[0] for p in media.glob("images/scaling/*.png")}
     assert images == {"scaling_params", "scaling_compute", "scaling_losses"}
+
+
+def small_sweep(root: Path, sizes: dict[int, int]) -> Path:
+    """depth -> params: runs validated at 4 steps, each point below the last (its learning curve),
+    the larger models lower; FLOPs per image proportional to params. Written out by hand."""
+    for depth, params in sizes.items():
+        history = [{"step": step, "val/loss": 6.0 - 0.1 * depth - step / 400, "val/loss_last_scale": 6.5 - step / 400,
+                    "val/acc": 0.1 + depth / 100 + step / 1e4, "val/acc_last_scale": 0.05 + step / 1e4,
+                    "progress/train_flops": step * 64 * 32.0 * params} for step in (100, 200, 300, 400)]
+        last = history[-1]
+        write_run(root, f"d{depth}", summary(depth, params, last["progress/train_flops"], last["val/loss"],
+                                             last["val/loss_last_scale"], val_acc=last["val/acc"]), history)
+    return root
+
+
+def fit_cli(runs, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "var_train.cli", "scaling", "fit", *map(str, runs), "--out", str(out),
+                           "--no-plots"], cwd=REPO_ROOT, capture_output=True, text=True)
+
+
+def test_a_fit_on_one_size_says_it_is_a_learning_curve_and_why_the_params_fits_are_missing(tmp_path):
+    root = small_sweep(tmp_path / "runs", {1: 31_234})
+    proc = fit_cli([root / "d1"], tmp_path / "fit")
+    assert proc.returncode == 0, proc.stderr
+    fit_md = (tmp_path / "fit" / "fit.md").read_text()
+    for text in (proc.stdout, fit_md):  # the console shows fit.md: both say it
+        assert "needs at least 2 points with different x, got 1" in text  # why the params fits are "—"
+        assert "one model's learning curve, not a scaling law" in text
+        assert "1 model size (d1)" in text and "train at least 3 sizes" in text
+        assert "31.2k" in text and "0.0M" not in text  # the runs table
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "1 model size (d1)" in warnings[0], proc.stderr
+    fits = json.loads((tmp_path / "fit" / "fit.json").read_text())
+    assert fits["val_loss_vs_params"]["alpha"] is None and fits["val_loss_vs_params"]["sizes"] == 1
+    compute = fits["val_loss_vs_compute"]  # made (4 points of d1's curve), and marked
+    assert compute["alpha"] is not None and len(compute["points"]) == 4 and compute["sizes"] == 1
+    assert "learning curve" in compute["warning"] and len(fits["warnings"]) == 1
+    assert {"alpha", "beta", "r", "alpha_ci", "points", "confidence", "problem"} <= set(compute)  # kept
+
+
+def test_a_fit_on_two_sizes_warns_that_r_says_nothing(tmp_path):
+    root = small_sweep(tmp_path / "runs", {1: 31_234, 2: 160_000})
+    proc = fit_cli([root], tmp_path / "fit")
+    assert proc.returncode == 0, proc.stderr
+    fits = json.loads((tmp_path / "fit" / "fit.json").read_text())
+    params = fits["val_loss_vs_params"]
+    assert params["r"] == pytest.approx(-1.0) and params["alpha_ci"] is None and params["sizes"] == 2
+    assert "two points always lie on a line" in params["warning"]
+    assert "only 2 model sizes" in fits["val_loss_vs_compute"]["warning"]
+    fit_md = (tmp_path / "fit" / "fit.md").read_text()
+    for text in (proc.stdout, fit_md):
+        assert "2 model sizes (d1, d2)" in text and "two points always lie on a line" in text
+        assert "31.2k" in text and "160.0k" in text
+    assert any(line.startswith("warning: the fits rest on 2 model sizes") for line in proc.stderr.splitlines())
+
+
+def test_three_sizes_carry_no_warning(tmp_path):
+    root = small_sweep(tmp_path / "runs", {1: 31_234, 2: 160_000, 3: 460_000})
+    report = write_report([root], tmp_path / "fit", plots=False)
+    assert report.warnings == [] and report.fits["val_loss_vs_params"].warning is None
+    assert report.fits["val_loss_vs_params"].sizes == 3
+    assert "Warning" not in (tmp_path / "fit" / "fit.md").read_text()
+
+
+def test_the_frontier_of_one_model_is_a_learning_curve_however_many_runs(tmp_path):
+    # d2's curve lies below d1's and starts at less compute: the frontier is d2's alone.
+    for depth, start, flops in ((1, 5.0, 1e9), (2, 4.0, 1e8)):
+        history = [{"step": s, "val/loss": start - s / 100, "val/loss_last_scale": 5.0, "val/acc": 0.1,
+                    "val/acc_last_scale": 0.1, "progress/train_flops": s * flops} for s in (1, 2, 3)]
+        write_run(tmp_path / "runs", f"d{depth}", summary(depth, 1000 * depth, history[-1]["progress/train_flops"],
+                                                         history[-1]["val/loss"], 5.0), history)
+    report = write_report([tmp_path / "runs"], tmp_path / "fit", plots=False)
+    assert report.fits["val_loss_vs_compute"].points == [[1e8, 3.99], [2e8, 3.98], [3e8, 3.97]]
+    assert report.fits["val_loss_vs_compute"].sizes == 1
+    assert "one model's learning curve" in report.fits["val_loss_vs_compute"].warning
+
+
+@pytest.mark.parametrize("count, text", [(0, "0"), (950, "950"), (31_234, "31.2k"), (999_960, "1.0M"),
+                                         (3_100_000, "3.1M"), (310_283_520, "310.3M"), (2_010_020_356, "2.0B")])
+def test_parameter_counts_are_readable_at_any_size(count, text):
+    from var_train.scaling.summary import format_count
+
+    assert format_count(count) == text

@@ -77,7 +77,7 @@ def test_every_planned_job_is_valid(world_size):
         assert cfg.model.alng == (1e-5 if depth >= 30 else 1e-4 if depth >= 24 else 1e-3)
         # Nodes and compute: steps x batch x FLOPs per image (ImageNet: 1,281,167 images).
         assert job.nodes == max(1, world_size // 8)
-        per_epoch = (1_281_167 // (world_size * o.micro_batch_size)) // job.accumulation
+        per_epoch = (1_281_167 // (world_size * o.micro_batch_size)) / job.accumulation  # steps run across epochs
         assert job.steps == round(o.epochs * per_epoch)
         flops = job.steps * o.global_batch_size * model.train_flops_per_image()
         assert job.pflop_days == pytest.approx(flops / 8.64e19)  # 1 PFLOP-day = 1e15 x 86,400 FLOPs
@@ -172,3 +172,57 @@ def test_submit_checks_the_data_before_any_job_is_queued(tmp_path):
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert f"data.train_shards not found: {tmp_path / 'no_shards'}" in errors[0]
     assert "sbatch" not in proc.stdout + proc.stderr
+
+
+def test_overrides_typed_after_depths_go_to_every_job(tmp_path, capsys):
+    """nargs="+" of --depths took `data.train_shards=...` as a depth ("invalid int value"): the
+    overrides go to every job wherever they are typed, in the order typed."""
+    from var_train.cli import main
+
+    shards, vae = f"data.train_shards={tmp_path / 'shards'}", "data.vae=/v.pth"
+    common = ["scaling", "plan", "--recipe", RECIPE, "--world-size", "2", "--gpu-memory", "16", "--json"]
+    plans = []
+    for argv in ([*common, "--depths", "6", "16", "30", shards, vae],  # the walkthrough's order
+                 [*common, shards, vae, "--depths", "6", "16", "30"],
+                 [*common, shards, "--depths", "6", "16", "30", vae]):
+        assert main(argv) == 2  # d30 does not fit in 16 GiB: planned, reported, exit 2
+        out, err = capsys.readouterr()
+        assert "invalid int value" not in err and "1 of 3 jobs" in err, err
+        plans.append(json.loads(out))
+    assert plans[0] == plans[1] == plans[2]
+    assert [job["depth"] for job in plans[0]] == [6, 16, 30]
+    for job in plans[0][:2]:  # the valid jobs carry both overrides, last (they win), in the order typed
+        assert job["overrides"][-2:] == [shards, vae]
+
+
+def test_demo_depths_pass_their_overrides_on_and_bad_depths_are_one_line(capsys):
+    from var_train.cli import SUBCOMMAND_MODULES
+    from var_train.command_line import build_parser
+
+    parser = build_parser("var-train", SUBCOMMAND_MODULES, "")
+    args = parser.parse_args(["scaling", "demo", "optim.epochs=2", "--depths", "1", "2", "logging.log_every=5", "3",
+                              "--seed", "1"])
+    assert args.depths == [1, 2, 3] and args.overrides == ["optim.epochs=2", "logging.log_every=5"]
+    assert parser.parse_args(["scaling", "demo"]).overrides == []
+    for bad, said in ((["six"], "invalid whole number value: 'six'"), (["0"], "must be 1 or more, got 0"),
+                      (["a.b=1"], "expected at least one value before a.b=1")):
+        with pytest.raises(SystemExit) as stop:
+            parser.parse_args(["scaling", "plan", "--recipe", RECIPE, "--world-size", "2", "--depths", *bad])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.startswith("error: argument --depths: ") and said in err, err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_plan_table_prints_parameter_counts_readably_at_any_size():
+    from var_train.scaling.plan import PlannedJob, format_table
+
+    def job(depth, params, problem=None):
+        return PlannedJob(depth=depth, params=params, flops_per_image=1e9, world_size=2, nodes=1, gpus_per_node=8,
+                          global_batch_size=64, micro_batch_size=32, accumulation=1, activation_checkpointing=False,
+                          memory_gib=1.0, dataset_images=1000, epochs=1, steps=15, pflop_days=1e-5, days=1e-3,
+                          run_dir="runs/d", problem=problem)
+
+    lines = format_table([job(6, 31_234), job(16, 310_283_520), job(30, 2_010_020_356, "too big")]).splitlines()
+    assert lines[1].split()[:2] == ["d6", "31.2k"]  # was "0M"
+    assert lines[2].split()[:2] == ["d16", "310.3M"]
+    assert lines[3].split()[:2] == ["d30", "2.0B"]

@@ -11,12 +11,14 @@
 plan: one job per depth (default the paper's 12: 6 ... 30), hyperparameters from the size-rule
 table (var_train/models/size_rules.py), micro-batch x accumulation x world size = global batch
 exactly, memory per GPU within --gpu-memory by the dry run's estimate (activation checkpointing
-only when needed), nodes, steps and PFLOP-days. Overrides after the options go to every job (they
-win over the table). Exit 2 when a job cannot be made valid (the table says why).
+only when needed), nodes, steps and PFLOP-days. Overrides after the options (after --depths too) go
+to every job (they win over the table). Exit 2 when a job cannot be made valid (the table says why).
 
 fit: reads each run directory's summary.json (and metrics.jsonl's validation history, for the
 compute frontier); a directory of run directories is expanded. Unfinished runs are fitted and
 marked; --finished-only leaves them out. Runs without a usable summary are listed, not fitted.
+Fewer than 3 model sizes: the fits are made but come with a warning (2 points always lie on a line;
+the compute frontier of one model is its learning curve), and a missing fit says why.
 """
 
 from __future__ import annotations
@@ -26,8 +28,60 @@ import json
 import sys
 from pathlib import Path
 
+from var_train.command_line import positive_int
+
 NAME = "scaling"
 HELP = "plan/submit the scaling sweep, fit and plot the power laws, or run a small sweep on the digits"
+DEMO_DESCRIPTION = """A real scaling-law sweep on this CPU, from scikit-learn's digits (about 12 minutes on 2 cores).
+
+The digits (16 px, 1 image in 7 of each class held out) -> a small VQVAE (or --vae) -> token
+shards (--crops random crops per training image, centre crops for validation) -> one VAR per
+--depths (width 32 x depth), all trained on the same data for the same epochs and validated 8
+times -> the fit of `var-train scaling fit` in OUT/fit (fit.json, fit.md, PNG plots). A stage
+whose output exists is skipped: run the same command again to continue an interrupted sweep.
+
+  var-train scaling demo --out scaling_demo
+  var-train scaling demo --depths 1 2 3 --epochs 4 logging.wandb_mode=disabled   # overrides: every model
+"""
+
+
+class _OverridesInOrder(argparse.Action):
+    """The positional section.key=value overrides, added after those an option of several values
+    passed on (see _ValuesThenOverrides), so they keep the order they were typed in."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        _add_overrides(namespace, values)
+
+
+class _ValuesThenOverrides(argparse.Action):
+    """An option of one or more values (--depths 6 16 30) that passes the key=value tokens typed
+    after it on to the overrides: nargs="+" takes every token up to the next option, so without
+    this `--depths 6 16 data.vae=v.pth` would fail as "invalid int value: 'data.vae=v.pth'"."""
+
+    def __init__(self, option_strings, dest, value_type=positive_int, **kwargs):
+        self.value_type = value_type  # not argparse's `type`: that would convert the overrides too
+        super().__init__(option_strings, dest, nargs="+", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        overrides = [text for text in values if "=" in text]
+        own = [text for text in values if "=" not in text]
+        if not own:
+            parser.error(f"argument {option_string}: expected at least one value before {overrides[0]}")
+        converted = []
+        for text in own:
+            try:
+                converted.append(self.value_type(text))
+            except argparse.ArgumentTypeError as error:
+                parser.error(f"argument {option_string}: {error}")
+            except ValueError:
+                parser.error(f"argument {option_string}: invalid {self.value_type.__name__} value: {text!r}")
+        setattr(namespace, self.dest, converted)
+        _add_overrides(namespace, overrides)
+
+
+def _add_overrides(namespace: argparse.Namespace, overrides) -> None:
+    # a new list each time: argparse puts the default list itself into the namespace
+    namespace.overrides = [*(getattr(namespace, "overrides", None) or []), *overrides]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,8 +94,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plan.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
     plan.add_argument("--headroom", type=float, default=0.1,
                       help="fraction of --gpu-memory kept free for what the estimate leaves out (default 0.1)")
-    plan.add_argument("--gpus-per-node", type=int, default=8)
-    plan.add_argument("--depths", type=int, nargs="+", default=None, help="default: 6 8 10 12 14 16 18 20 22 24 27 30")
+    plan.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    plan.add_argument("--depths", action=_ValuesThenOverrides, default=None, metavar="DEPTH",
+                      help="model depths (default: 6 8 10 12 14 16 18 20 22 24 27 30); key=value after them "
+                           "are overrides")
     plan.add_argument("--runs", default="runs/scaling", help="parent of the run directories RUNS/d<depth>")
     plan.add_argument("--group", default=None, help="W&B group of the sweep (default: the name of --runs)")
     plan.add_argument("--dataset-images", type=int, default=None,
@@ -53,30 +109,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     action.add_argument("--print", dest="print_commands", action="store_true", help="print the sbatch commands")
     action.add_argument("--json", action="store_true", help="the plan as JSON")
     plan.add_argument("--sbatch", default="sbatch", help="sbatch executable (default sbatch)")
-    plan.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides for every job")
+    plan.add_argument("overrides", nargs="*", action=_OverridesInOrder, default=[], metavar="section.key=value",
+                      help="overrides for every job")
 
     fit = sub.add_parser("fit", help="fit L = (beta X)^alpha to finished runs; write fit.json, fit.md, plots",
                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    fit.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    fit.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                     help="run directories (with summary.json), or folders of them")
     fit.add_argument("--out", required=True, help="output folder")
     fit.add_argument("--finished-only", action="store_true", help="leave out runs that have not finished")
     fit.add_argument("--confidence", type=float, default=0.95, help="level of alpha's interval (default 0.95)")
-    fit.add_argument("--no-plots", action="store_true")
+    fit.add_argument("--no-plots", action="store_true", help="write fit.json and fit.md only")
     fit.add_argument("--wandb-project", default=None, help="log the table and plots to this W&B project")
-    fit.add_argument("--wandb-mode", default="offline", choices=("offline", "online"))
-    fit.add_argument("--wandb-group", default=None)
+    fit.add_argument("--wandb-mode", default="offline", choices=("offline", "online"),
+                     help="W&B mode (default offline)")
+    fit.add_argument("--wandb-group", default=None, help="W&B group of the fit run (default none)")
 
     demo = sub.add_parser("demo", help="a mini sweep on scikit-learn's digits, then fit and plot (~12 min, 2 cores)",
-                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                          description=DEMO_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_argument("--out", default="scaling_demo", help="output folder (default scaling_demo)")
-    demo.add_argument("--depths", type=int, nargs="+", default=None, help="model depths (default 1 2 3 4 5)")
-    demo.add_argument("--epochs", type=float, default=None, help="epochs of every model (default: the demo's)")
+    demo.add_argument("--depths", action=_ValuesThenOverrides, default=None, metavar="DEPTH",
+                      help="model depths (default 1 2 3 4 5); key=value after them are overrides")
+    demo.add_argument("--epochs", type=float, default=None, help="epochs of every model (default 10)")
     demo.add_argument("--crops", type=int, default=None, help="random crops per training image (default 8)")
-    demo.add_argument("--nproc", type=int, default=2)
-    demo.add_argument("--vae", default=None, help="reuse this tokenizer (.safetensors) instead of training one")
-    demo.add_argument("--tokenizer-minutes", type=float, default=2.0)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides for every model")
+    demo.add_argument("--nproc", type=int, default=2, help="training processes per model (default 2)")
+    demo.add_argument("--vae", default=None,
+                      help="reuse this tokenizer (.safetensors) instead of training one (default: train one)")
+    demo.add_argument("--tokenizer-minutes", type=float, default=2.0,
+                      help="time budget of the tokenizer's training, in minutes (default 2)")
+    demo.add_argument("--seed", type=int, default=0,
+                      help="seed of the tokenizer, the random crops and every model (default 0)")
+    demo.add_argument("overrides", nargs="*", action=_OverridesInOrder, default=[], metavar="section.key=value",
+                      help="overrides for every model")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,6 +220,8 @@ def _fit(args: argparse.Namespace) -> int:
     print(report.files["fit.md"].read_text(), end="")
     for run in report.left_out:
         print(f"left out {run.path}: {run.problem}", file=sys.stderr)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in report.files.values()))
     return 0
 

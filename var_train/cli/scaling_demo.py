@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +146,8 @@ def run_scaling_demo(cfg: ScalingDemoConfig) -> dict:
                "runs": [str(p) for p in run_dirs], "files": {k: str(v) for k, v in report.files.items()}}
     write_json_atomic(out / "summary.json", summary)
     print("\n" + report.files["fit.md"].read_text())
-    print(f"plots: {report.files.get('scaling_params.png')}, {report.files.get('scaling_compute.png')}; "
-          f"{summary['total_seconds'] / 60:.1f} minutes")
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    plots = [str(path) for name, path in report.files.items() if name.endswith(".png")]  # what was written
+    print(f"plots: {', '.join(plots)}; {summary['total_seconds'] / 60:.1f} minutes")
     return summary

@@ -8,6 +8,10 @@ against C); the confidence interval of alpha is slope +- t(n-2) x its standard e
 Against compute the paper fits the frontier: at each compute, the lowest test loss that any model
 has reached with at most that compute. `frontier` keeps the points of all runs' validation curves
 that are lower than every point at smaller or equal compute.
+
+A fit on fewer than 3 model sizes is made but carries a warning: two points always lie on a line
+(r = +-1 whatever the losses, no interval for alpha), and a frontier drawn from one model is that
+model's learning curve, not a law across sizes.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ PAPER = {
     "val_loss_vs_compute": (-0.16, 1.5e-5),
 }
 PAPER_R = {"params": -0.998, "compute": -0.99}
+# Two sizes always fit a line exactly: the third is the first that can disagree with the law.
+MIN_SIZES = 3
 
 
 @dataclass
@@ -38,7 +44,9 @@ class PowerLawFit:
     alpha_ci: list[float] | None  # [low, high] at `confidence`
     points: list[list[float]]  # [[x, L], ...] that were fitted
     confidence: float = 0.95
-    problem: str | None = None
+    problem: str | None = None  # why there is no fit
+    sizes: int | None = None  # model sizes the points come from (None: not known)
+    warning: str | None = None  # why a fit that was made is not yet a scaling law
 
     def predict(self, x) -> np.ndarray:
         return (self.beta * np.asarray(x, dtype=float)) ** self.alpha
@@ -50,6 +58,27 @@ class PowerLawFit:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def note(self) -> str | None:
+        """What a reader must know beside the numbers: why there is no fit, or why not to trust it."""
+        return f"no fit: {self.problem}" if self.alpha is None else self.warning
+
+
+def few_sizes_warning(against: str, sizes: int) -> str | None:
+    """Why a fit against "params" or "compute" on `sizes` model sizes is not yet a scaling law
+    (None: enough sizes)."""
+    if sizes >= MIN_SIZES:
+        return None
+    advice = f"train at least {MIN_SIZES} sizes"
+    if against == "compute":
+        if sizes == 1:
+            return f"the frontier is one model's learning curve, not a scaling law: {advice}"
+        return f"the frontier comes from only {sizes} model sizes, mostly their learning curves: {advice}"
+    if sizes < 2:
+        return f"one model size: a law against parameters needs 2 sizes to be drawn and 3 to be tested: {advice}"
+    return (f"only 2 model sizes: two points always lie on a line (r = ±1 whatever the losses, no interval "
+            f"for alpha): {advice}")
 
 
 def fit_power_law(x, y, confidence: float = 0.95) -> PowerLawFit:

@@ -30,6 +30,8 @@ from var_train.dry_run import memory_per_gpu, meta_model, steps_per_epoch
 from var_train.models import PAPER_DEPTHS, size_rule
 from var_train.models.size_rules import IMAGENET_TRAIN_IMAGES
 
+from .summary import format_count
+
 SECONDS_PER_DAY = 86_400
 PAPER_TFLOPS_PER_GPU = 78.0  # the authors' d16 run: about 78 TFLOP/s per A100 (REFERENCE.md)
 USER_CHOSEN_KEYS = ("optim.micro_batch_size", "parallel.activation_checkpointing")
@@ -175,12 +177,12 @@ def format_table(jobs: list[PlannedJob], tflops_per_gpu: float = PAPER_TFLOPS_PE
         rule = size_rule(job.depth)
         if job.valid:
             split = f"{job.micro_batch_size} x {job.accumulation} x {job.world_size}"
-            rows.append((f"d{job.depth}", f"{job.params / 1e6:,.0f}M", str(rule.embed_dim), str(job.global_batch_size),
+            rows.append((f"d{job.depth}", format_count(job.params), str(rule.embed_dim), str(job.global_batch_size),
                          split, "on" if job.activation_checkpointing else "off", f"{job.memory_gib:.1f}",
                          str(job.nodes), f"{job.epochs:g}", f"{job.steps:,}", f"{job.pflop_days:,.2f}",
                          f"{job.days:,.1f}"))
         else:
-            rows.append((f"d{job.depth}", f"{job.params / 1e6:,.0f}M", str(rule.embed_dim), str(job.global_batch_size),
+            rows.append((f"d{job.depth}", format_count(job.params), str(rule.embed_dim), str(job.global_batch_size),
                          "INVALID: " + job.problem, "", "", "", "", "", "", ""))
     # an INVALID row prints its first 4 cells, then its message unpadded: it sets no column's width
     widths = [max([len(h), *(len(r[i]) for r in rows if r[5] or i < 4)]) for i, h in enumerate(header)]

@@ -58,6 +58,17 @@ class TrainingCompute:
             self.images_seen, self.train_flops = int(state["images_seen"]), float(state["train_flops"])
 
 
+def format_count(count: float) -> str:
+    """A parameter count readable at any size: 950, 31.2k, 3.1M, 2.0B (a d1 demo model is not "0M")."""
+    value = float(count)
+    for unit in ("", "k", "M", "B"):
+        # compared after rounding, so 999,960 is "1.0M", not "1000.0k"
+        if round(abs(value), 1) < 1000:
+            return f"{value:.0f}" if unit == "" else f"{value:.1f}{unit}"
+        value /= 1000
+    return f"{value:.1f}T"
+
+
 def validation_record(metrics: dict[str, float]) -> dict[str, float]:
     """Logged validation metrics -> summary.json fields."""
     return {name: float(metrics[key]) for key, name in VALIDATION_KEYS.items() if key in metrics}

@@ -528,6 +528,22 @@ def _consolidate(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return consolidate_checkpoint(checkpoint, metadata, build_from_record(VAR, config, checkpoint)), config
 
 
+def load_var_any(path: str | Path):
+    """A VAR from a reference .pth, our .safetensors, or a training checkpoint directory (a run
+    directory, its `checkpoints/` or one `step-*` directory: verified, then consolidated on this
+    process), for every command that samples: sample, edit, eval."""
+    from var_train.models import VAR
+    from var_train.models.checkpoint_io import build_from_record, load_state_dict_strict, load_var
+
+    path = Path(path)
+    if not path.is_dir():
+        return load_var(path)
+    state, config = consolidated_state_dict(path)
+    model = build_from_record(VAR, config, path)
+    load_state_dict_strict(model, state, str(path))
+    return model
+
+
 def export_checkpoint(checkpoint_dir: str | Path, out_path: str | Path, format: str | None = None,
                       ema: bool = False, newest_intact: bool = False) -> Path:
     """Write a checkpoint's consolidated weights as safetensors (config in metadata) or as a plain

@@ -109,6 +109,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--weight-decay", type=finite_float, default=None, help=f"(default {d.weight_decay})")
     optim.add_argument("--max-steps", type=int, default=None, help=f"total optimizer steps (default {d.max_steps})")
     optim.add_argument("--max-minutes", type=finite_float, default=None, help="stop after this much training time (resumable)")
+    optim.add_argument("--min-steps", type=int, default=None,
+                       help="with --max-minutes: train at least this many steps, however slow the machine (default 0)")
     optim.add_argument("--warmup-steps", type=int, default=None, help=f"linear LR warmup steps (default {d.warmup_steps})")
     optim.add_argument("--hold-fraction", type=finite_float, default=None,
                        help=f"share of the post-warmup steps held at the peak LR (default {d.hold_fraction})")

@@ -44,3 +44,15 @@ def test_two_rank_training_logs_scheduled_evaluation(tmp_path):
                                               feature_extractor=str(classifier)), device="cpu", progress=False)
     assert report["num_samples"] == 10 and report["generated_now"] == 10
     assert 0 <= report["precision"] <= 1 and report["fid"] == report["fid"]
+
+    # so do `var-train sample` and `edit`: the same images as from the exported weights
+    from var_train.checkpoint import export_checkpoint
+    from var_train.cli import main
+
+    exported = export_checkpoint(run_dir, tmp_path / "var.safetensors")
+    for var, out in ((run_dir, tmp_path / "from_run"), (exported, tmp_path / "from_export")):
+        assert main(["sample", "--var", str(var), "--vae", str(vae), "--classes", "0-2", "--per-class", "2",
+                     "--seed", "3", "--out", str(out), "--device", "cpu"]) == 0
+    pngs = sorted(p.relative_to(tmp_path / "from_run") for p in (tmp_path / "from_run").rglob("*.png"))
+    assert len(pngs) >= 6
+    assert all((tmp_path / "from_run" / p).read_bytes() == (tmp_path / "from_export" / p).read_bytes() for p in pngs)

@@ -383,3 +383,21 @@ def test_fine_tuning_starts_from_the_released_layout(digits, tmp_path):
     loaded = dict(result.model.named_parameters())
     assert all(torch.equal(loaded[name], p) for name, p in released.named_parameters())
     assert result.model.config["vocab_size"] == 64
+
+
+def test_a_time_budget_stops_no_earlier_than_min_steps_and_its_eta_counts_the_budget(digits, tmp_path):
+    """A budget of 0.06 s is spent by the first step; min_steps=6 still trains 6 (a busy machine
+    must not leave the demo a useless tokenizer). The ETA follows the budget, not max_steps' 100,000
+    steps (which at this speed would read hours)."""
+    result = train_tokenizer(_config(digits, tmp_path / "floor", max_steps=100_000, max_minutes=0.001, min_steps=6,
+                                     log_every=2, checkpoint_every=1000))
+    rows = _trained(tmp_path / "floor")
+    assert result.exit_code == 0 and [r["step"] for r in rows] == [2, 4, 6], rows
+    # At most 4 steps were ever owed (a step takes well under a second here); counted by max_steps the
+    # ETA would be ~99,995 steps x at least 1 ms.
+    assert all(r["perf/eta_seconds"] < 30 for r in rows), rows
+    assert rows[-1]["perf/eta_seconds"] == 0  # nothing owed and the budget spent
+
+    result = train_tokenizer(_config(digits, tmp_path / "no_floor", max_steps=100_000, max_minutes=0.001,
+                                     log_every=1, checkpoint_every=1000))
+    assert result.exit_code == 0 and [r["step"] for r in _trained(tmp_path / "no_floor")] == [1]

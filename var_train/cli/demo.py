@@ -4,7 +4,7 @@
 
 Stages: demo images -> tokenizer training -> token shards -> 2-process FSDP2 training of a small
 VAR -> sample grid -> FID/IS/precision/recall with a digits classifier's features and the
-per-class accuracy of the generated digits. About ten minutes on 2 CPU cores; an interrupted demo
+per-class accuracy of the generated digits. 5 to 8 minutes on 2 quiet CPU cores; an interrupted demo
 resumes where it stopped. Results: <out>/summary.json, <out>/samples/grid.png,
 <out>/train/metrics.jsonl (W&B offline files in <out>/train/wandb).
 """
@@ -16,7 +16,7 @@ import argparse
 from var_train.command_line import positive_int
 
 NAME = "demo"
-HELP = "the end-to-end demo on scikit-learn's digits (about ten minutes on a CPU)"
+HELP = "the end-to-end demo on scikit-learn's digits (5 to 8 minutes on a 2-core CPU)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

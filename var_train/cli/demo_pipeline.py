@@ -41,7 +41,10 @@ REPO_RECIPES = REPO_ROOT / "recipes"
 # (a 4x-downsampling VQVAE to a 4x4 grid, scales 1,2,3,4) loses nothing of them.
 DEMO_TOKENIZER = dict(vocab_size=256, z_channels=16, ch=32, ch_mult=(1, 1, 2), encoder_blocks=1, decoder_blocks=1,
                       patch_nums=(1, 2, 3, 4), batch_size=32, lr=2e-3, dead_code_steps=20, checkpoint_every=200,
-                      max_steps=100_000, num_workers=0)
+                      max_steps=100_000, num_workers=0,
+                      # The time budget ends a quiet 2-core run after ~1,150 steps (BENCHMARKS.md); on a busy
+                      # machine it ended after 88, and the whole demo scored FID 210 instead of 18.
+                      min_steps=500)
 
 
 @dataclass
@@ -223,7 +226,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     else:
         write_demo_data(images, resolution=cfg.resolution)
 
-    stages.begin("tokenizer", f"multi-scale VQVAE, about {cfg.tokenizer_minutes:g} minutes of training")
+    stages.begin("tokenizer", f"multi-scale VQVAE, about {cfg.tokenizer_minutes:g} minutes of training "
+                              f"(at least {DEMO_TOKENIZER['min_steps']} steps however busy the machine)")
     preset = dict(DEMO_TOKENIZER, max_minutes=cfg.tokenizer_minutes)
     vae_path = tokenizer_dir / "vae.safetensors"
     if vae_path.is_file():

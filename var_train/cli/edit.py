@@ -87,19 +87,22 @@ def prepare_inputs(image_path: str, resolution: int, mask_path: str | None = Non
 def run(args: argparse.Namespace) -> int:
     from torchvision.utils import make_grid, save_image
 
+    from var_train.checkpoint import load_var_any
     from var_train.compatibility import check_sampling_inputs, training_vae_of
     from var_train.errors import UserError
-    from var_train.models.checkpoint_io import load_vae, load_var
+    from var_train.models.checkpoint_io import load_vae
     from var_train.models.editing import edit_images
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         if args.samples < 1:
             raise ValueError(f"--samples must be at least 1, got {args.samples}")
-        for path in (args.var, args.vae, args.image, args.mask):
+        for path in (args.vae, args.image, args.mask):
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"file not found: {path}")
-        var = load_var(args.var).to(device).eval()
+        if not Path(args.var).exists():  # a file, or a run / checkpoint directory
+            raise FileNotFoundError(f"not found: {args.var}")
+        var = load_var_any(args.var).to(device).eval()
         check_sampling_inputs(var.config, args.vae, args.allow_vae_mismatch, trained_with=training_vae_of(args.var))
         vae = load_vae(args.vae, patch_nums=list(var.patch_nums)).to(device).eval()
         if args.class_id == "null":

@@ -35,7 +35,7 @@ HELP = "sample a checkpoint and compute FID / IS / precision / recall (distribut
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser, var_help="VAR: .pth (reference layout), .safetensors, or a run/checkpoint dir",
+    add_model_arguments(parser,
                         vae_help="VQVAE checkpoint (.pth or .safetensors) used to decode")
     parser.add_argument("--out", required=True, help="output folder (samples, samples.npz, results.json)")
     parser.add_argument("--reference", default=None,

@@ -42,12 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from var_train.generate import generate_images, parse_classes, write_samples
+    from var_train.checkpoint import load_var_any
     from var_train.compatibility import check_sampling_inputs, training_vae_of
-    from var_train.models.checkpoint_io import load_vae, load_var
+    from var_train.generate import generate_images, parse_classes, write_samples
+    from var_train.models.checkpoint_io import load_vae
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    var = load_var(args.var).to(device).eval()
+    var = load_var_any(args.var).to(device).eval()
     # one clear error before any work: vocabulary, z channels, and the training VAE's codebook if recorded
     check_sampling_inputs(var.config, args.vae, args.allow_vae_mismatch, trained_with=training_vae_of(args.var))
     patch_nums = [int(p) for p in args.patch_nums.split(",")] if args.patch_nums else list(var.patch_nums)

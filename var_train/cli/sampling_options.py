@@ -13,7 +13,7 @@ from var_train.models.sampling import PRECISIONS, SamplingSettings
 DEFAULTS = SamplingSettings()
 
 
-VAR_HELP = "VAR checkpoint (.pth reference layout or .safetensors)"
+VAR_HELP = "VAR: .pth (reference layout), .safetensors, or a training run / checkpoint directory"
 VAE_HELP = "VQVAE checkpoint (.pth reference layout or .safetensors)"
 
 

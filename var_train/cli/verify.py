@@ -32,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
     from var_train.checkpoint import checkpoints_to_verify, verify_checkpoint
     from var_train.errors import CorruptFileError, MissingInputError
 
+    if not Path(args.path).exists():
+        raise MissingInputError(f"not found: {args.path} (a run directory, one of its checkpoints, or a weights file)")
     if Path(args.path).is_file():
         return _verify_weights_file(Path(args.path))
     checkpoints = checkpoints_to_verify(args.path)

@@ -23,6 +23,7 @@ import torch
 from numpy.lib import format as npy_format
 from tqdm.auto import tqdm
 
+from var_train.checkpoint import load_var_any
 from var_train.data.images import read_image_array, write_png_atomic
 from var_train.fileio import atomic_write, write_json_atomic
 from var_train.models import SamplingSettings, generate_batch
@@ -54,23 +55,6 @@ class EvalSettings:
         """Flat, as results.json records them (sampling keys beside the others)."""
         flat = asdict(self)
         return {**flat.pop("sampling"), **flat}
-
-
-def load_var_any(path: str | Path):
-    """A VAR from a reference .pth, our .safetensors, or a training checkpoint directory (a run
-    directory, its `checkpoints/` or one `step-*` directory: consolidated on this process)."""
-    from var_train.models.checkpoint_io import build_from_record, load_state_dict_strict, load_var
-
-    path = Path(path)
-    if path.is_dir():
-        from var_train.checkpoint import consolidated_state_dict
-        from var_train.models import VAR
-
-        state, config = consolidated_state_dict(path)
-        model = build_from_record(VAR, config, path)
-        load_state_dict_strict(model, state, str(path))
-        return model
-    return load_var(path)
 
 
 def sample_path(samples_dir: Path, index: int, label: int) -> Path:

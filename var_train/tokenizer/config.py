@@ -45,6 +45,7 @@ class TokenizerTrainingConfig:
     clip_grad_norm: float = 0.0  # 0 = no clipping (the norm is logged either way)
     max_steps: int = 10_000  # the LR schedule spans these steps
     max_minutes: float | None = None  # stop (and finish: final model, export) after this much training time
+    min_steps: int = 0  # with max_minutes: train at least this many steps, however slow the machine is
     # -- LR schedule (var_train.schedules.Schedule: warmup, hold, linear decay to wpe x peak) ---------
     warmup_steps: int = 0
     warmup_start_ratio: float = 0.005  # warmup starts at this fraction of the peak
@@ -95,7 +96,7 @@ class TokenizerTrainingConfig:
         for name in ("batch_size", "max_steps", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "dead_code_steps", "keep_last", "disc_start", "num_workers"):
+        for name in ("warmup_steps", "dead_code_steps", "keep_last", "disc_start", "num_workers", "min_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr < 0 or self.weight_decay < 0 or self.clip_grad_norm < 0:

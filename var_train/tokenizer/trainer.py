@@ -297,14 +297,23 @@ class TokenizerTrainer:
             self.vae.train()
             window = _Window()
             session_start, seconds_before = time.perf_counter(), self.trained_seconds
+            counting_steps = budget is None
             while self.step < cfg.max_steps:
                 out = self.train_step()
                 window.add(out, self.config.batch_size * self.world_size)
                 self.trained_seconds = seconds_before + time.perf_counter() - session_start
-                bar.update(1 if budget is None else min(self.trained_seconds, budget) - bar.n)
+                if counting_steps:
+                    bar.update(1)
+                elif self.trained_seconds < budget or self.step >= cfg.min_steps:
+                    bar.update(min(self.trained_seconds, budget) - bar.n)
+                else:  # the budget is spent but steps are owed to min_steps: count those, not a full bar
+                    bar.close()
+                    bar = tqdm(total=cfg.min_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                               desc="train-tokenizer (budget spent, up to min_steps)", disable=not show)
+                    counting_steps = True
                 finished = self.step >= cfg.max_steps or self._out_of_time()
                 if self.step % cfg.log_every == 0 or finished or not out["finite"]:
-                    metrics = window.report(self.usage, remaining_steps=cfg.max_steps - self.step)
+                    metrics = self._window_metrics(window)
                     self._log(metrics)
                     bar.set_postfix(step=self.step, loss=f"{metrics['train/loss']:.4f}",
                                     lr=f"{metrics['train/lr']:.2e}", refresh=False)
@@ -325,7 +334,7 @@ class TokenizerTrainer:
                 stop_code = self.preemption.stop_code(self.device, planned=stop_requested)
                 if stop_code is not None:
                     if window.steps:  # the steps since the last line are not trained again after a resume
-                        self._log(window.report(self.usage, remaining_steps=cfg.max_steps - self.step))
+                        self._log(self._window_metrics(window))
                     if self._saved_step != self.step:
                         self.save_checkpoint()
                     self.logger.message(stop_message(stop_code, self.step))
@@ -365,8 +374,21 @@ class TokenizerTrainer:
         """Rank 0's clock decides (collective when `max_minutes` is set), so every rank stops together."""
         if self.config.max_minutes is None:
             return False
-        late = float(self.is_main and self.trained_seconds >= 60 * self.config.max_minutes)
+        late = float(self.is_main and self.trained_seconds >= 60 * self.config.max_minutes
+                     and self.step >= self.config.min_steps)
         return bool(all_reduce_max(torch.tensor([late], device=self.device)).item())
+
+    def _window_metrics(self, window: "_Window") -> dict[str, float]:
+        """The window's report, its ETA counting what ends the run: the steps left, or under a time
+        budget the budget's seconds left (or more, while steps are owed to `min_steps`)."""
+        remaining_steps = self.config.max_steps - self.step
+        metrics = window.report(self.usage, remaining_steps=remaining_steps)
+        if self.config.max_minutes is not None and remaining_steps > 0:
+            per_step = metrics["perf/eta_seconds"] / remaining_steps
+            budget_left = max(0.0, 60 * self.config.max_minutes - self.trained_seconds)
+            owed = per_step * max(0, self.config.min_steps - self.step)
+            metrics["perf/eta_seconds"] = min(metrics["perf/eta_seconds"], max(budget_left, owed))
+        return metrics
 
     def _log(self, metrics: dict[str, float]) -> None:
         if not metrics:

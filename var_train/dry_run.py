@@ -13,7 +13,7 @@ import yaml
 
 from var_train import schedules
 from var_train.config import TrainConfig
-from var_train.errors import ConfigError
+from var_train.errors import ConfigError, MismatchError
 from var_train.data.sources import read_shard_manifest
 from var_train.models import VAR, size_rule
 from var_train.parallel import engine_class, estimate_memory_per_gpu
@@ -123,6 +123,8 @@ def describe(cfg: TrainConfig, world_size: int) -> str:
         if not cfg.data.train_shards:
             raise LookupError
         manifest = read_shard_manifest(cfg.data.train_shards)  # a folder or a URL
+        manifest.check_compatible(cfg.model.patch_nums, cfg.model.vocab_size, cfg.model.num_classes,
+                                  where=f"of data.train_shards ({cfg.data.train_shards})")  # as training will
         steps = steps_per_epoch(manifest.num_records, cfg, world_size) if accumulation.is_integer() else \
             manifest.num_records // cfg.optim.global_batch_size
         steps_text = f"{steps:,.0f}" if float(steps).is_integer() else f"{steps:,.2f}"
@@ -132,7 +134,7 @@ def describe(cfg: TrainConfig, world_size: int) -> str:
                         f"epochs)" if cfg.optim.max_steps and cfg.optim.max_steps < steps * cfg.optim.epochs else ""))
     except LookupError:
         pass
-    except ConfigError:  # data too small for one step: training would refuse it, so the dry run does
+    except (ConfigError, MismatchError):  # shards unlike the model, or too few for one step: as training would
         raise
     except (FileNotFoundError, ValueError, OSError) as error:
         lines.append(f"steps per epoch:       unknown ({error})")

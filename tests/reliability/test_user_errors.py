@@ -263,3 +263,9 @@ def test_warm_starting_from_a_var_trained_with_another_vae_is_refused(data, tmp_
     cfg = load_config("recipes/tiny.yaml", args[3:] + ["data.allow_vae_mismatch=true"])
     check_training_inputs(cfg.model, cfg.data, warn=warnings.append)  # deliberate: a warning, not a refusal
     assert len(warnings) == 1 and "was trained with another VAE" in warnings[0], warnings
+
+
+def test_the_dry_run_refuses_shards_unlike_the_model_as_training_does(data, tmp_path, capsys):
+    shards, vae, _ = data  # 10 classes; train_args says model.num_classes=2
+    line = _main_error(capsys, ["train", "--dry-run", *train_args(shards, vae, tmp_path / "run")[1:]])
+    assert "the token shards of data.train_shards" in line and "num_classes: shards 10, model 2" in line, line

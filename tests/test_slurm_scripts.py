@@ -234,7 +234,7 @@ def test_scaling_sweep_overrides_load_with_the_paper_hyperparameters(tmp_path):
     fake = tmp_path / "bin"
     fake.mkdir()
     _executable(fake / "sbatch", f'echo "$*" >> {tmp_path}/sbatch.log\necho "Submitted batch job $RANDOM"\n')
-    shards = make_learnable_shards(tmp_path / "shards", num_records=8)
+    shards = make_learnable_shards(tmp_path / "shards", num_records=1024)  # one d30 step: 64 GPUs x 16 images
     vae = make_tiny_vae(tmp_path / "vae.safetensors")
     data = [f"data.train_shards={shards}", f"data.vae={vae}", f"model.vocab_size={VOCAB_SIZE}",
             f"model.z_channels={VAE_KW['z_channels']}", f"model.num_classes={NUM_CLASSES}",

@@ -16,7 +16,7 @@ from var_train.config import load_config
 from var_train.dry_run import memory_per_gpu, meta_model
 from var_train.models import PAPER_DEPTHS, size_rule
 from var_train.parallel import grad_accumulation_steps
-from var_train.scaling.plan import plan_sweep
+from var_train.scaling.plan import plan_job, plan_sweep
 
 RECIPE = str(REPO_ROOT / "recipes" / "d16.yaml")
 
@@ -226,3 +226,12 @@ def test_plan_table_prints_parameter_counts_readably_at_any_size():
     assert lines[1].split()[:2] == ["d6", "31.2k"]  # was "0M"
     assert lines[2].split()[:2] == ["d16", "310.3M"]
     assert lines[3].split()[:2] == ["d30", "2.0B"]
+
+
+def test_too_few_images_for_one_step_make_an_invalid_job_not_a_crash():
+    """64 GPUs x 12 images is d16's global batch of 768: 700 images cannot make one step, and
+    training would refuse the job at start, so the plan says so per job."""
+    job = plan_job(RECIPE, 16, 64, dataset_images=700)
+    assert not job.valid and "one epoch has 0 micro-batches per rank" in job.problem
+    assert "(700 images over 64 GPUs)" in job.problem
+    assert plan_job(RECIPE, 16, 64, dataset_images=768).valid

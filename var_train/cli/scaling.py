@@ -158,6 +158,8 @@ def _plan(args: argparse.Namespace) -> int:
     if args.world_size < 1:
         raise UserError(f"--world-size must be at least 1, got {args.world_size}")
     group = args.group or Path(args.runs).name
+    if args.submit:  # a wrong file or a model unlike the data is the first thing to hear
+        _check_inputs_before_submitting(args.recipe, args.overrides)
     jobs = plan_sweep(args.recipe, args.world_size, depths=args.depths or PAPER_DEPTHS,
                       gpu_memory_gib=args.gpu_memory, headroom=args.headroom, gpus_per_node=args.gpus_per_node,
                       runs=args.runs, wandb_group=group, overrides=args.overrides,
@@ -180,7 +182,6 @@ def _plan(args: argparse.Namespace) -> int:
               + "; ".join(f"d{job.depth}: {job.problem}" for job in invalid), file=sys.stderr)
         return 2
     if args.submit:
-        _check_inputs_before_submitting(args.recipe, args.overrides)
         print(format_table(jobs, args.tflops_per_gpu))
         for job in jobs:
             command = job.sbatch_command(args.recipe, root, args.sbatch)

@@ -24,7 +24,7 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from var_train.config import load_config
+from var_train.config import ConfigError, load_config
 from var_train.data import read_manifest
 from var_train.dry_run import memory_per_gpu, meta_model, steps_per_epoch
 from var_train.models import PAPER_DEPTHS, size_rule
@@ -148,7 +148,11 @@ def plan_job(recipe: str | Path, depth: int, world_size: int, *, gpu_memory_gib:
                        + ": plan for more GPUs (FSDP shards the model states) or more memory per GPU")
         return job
     micro, ac, memory, cfg = chosen
-    steps = max(1, round(cfg.optim.epochs * steps_per_epoch(images, cfg, world_size)))
+    try:
+        steps = max(1, round(cfg.optim.epochs * steps_per_epoch(images, cfg, world_size)))
+    except ConfigError as error:  # too few images for one step at this world size: training would refuse it
+        job.problem = f"{error} ({images:,} images over {world_size} GPUs)"
+        return job
     if cfg.optim.max_steps:
         steps = min(steps, cfg.optim.max_steps)
     total_flops = steps * G * flops

@@ -19,7 +19,7 @@ import torch
 
 from var_train.checkpoint import Checkpointer
 from var_train.compatibility import check_resume_before_writing, check_training_inputs
-from var_train.config import ConfigError, TrainConfig
+from var_train.config import TrainConfig
 from var_train.data import build_token_loader
 from var_train.logging import MetricLogger
 from var_train.loss import token_loss
